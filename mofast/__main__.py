@@ -1,0 +1,3 @@
+from mofast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,18 @@
+"""The embedded default: real UltraFeedback preference pairs and the real stories260K model.
+
+Both are shipped inside the package (provenance files beside them), so the default run
+needs no network and nothing outside the repository.
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent
+STORIES260K = ASSETS / "stories260K"
+ULTRAFEEDBACK = ASSETS / "ultrafeedback"
+
+# The two objectives of the default run: two real preference datasets, one per criterion.
+DEFAULT_OBJECTIVES = {
+    "overall_score": ULTRAFEEDBACK / "overall_score_train.jsonl.gz",
+    "rubric_mean": ULTRAFEEDBACK / "rubric_mean_1k.jsonl.gz",
+}
+DEFAULT_EVAL = ULTRAFEEDBACK / "overall_score_eval.jsonl.gz"

@@ -1,0 +1,21 @@
+"""Test set-up: the CPU is the default device; Triton runs through its interpreter there.
+
+TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test
+module imports mofast.kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
