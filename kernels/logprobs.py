@@ -1,0 +1,892 @@
+"""Fused DPO sequence log-probabilities: sum_t log softmax(h_t W^T + b)[y_t] per row.
+
+Materialising the logits costs N x T x V floats (10 GB in fp32 at 16 rows, 1024 tokens and
+a 151,936-token vocabulary). Here they are computed a chunk at a time and never held
+whole. The forward keeps a running log-sum-exp over vocabulary chunks in float32 plus the
+target logit; the backward recomputes each chunk's logits, forms
+g_n * (onehot(y_t) - softmax(z_t)) in place of anything of size V per token, and feeds it to
+the two gradient products. Ignored tokens are moved out of the way first, so they cost no
+vocabulary work.
+
+Layers: Triton kernels (`_logprobs_fwd_kernel`, `_logprobs_bwd_dlogits_kernel`,
+`_logprobs_bwd_dhidden_kernel`, `_logprobs_bwd_dweight_kernel`) -> launchers
+(`_forward_triton`, `_backward_triton`) beside the chunked torch path for the CPU
+(`_forward_torch`, `_backward_torch`) -> one autograd Function (`_SequenceLogprobs`) ->
+the public `sequence_logprobs`, which picks Triton for CUDA tensors and torch otherwise.
+
+Neither path reads a tensor on the host. The CUDA path sorts the counted tokens to the
+front and lets each program read the count from device memory, so blocks past it stop at
+once; the CPU path gathers the counted tokens with a boolean index, which on the CPU reads
+memory that is already there.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the work is cut. The defaults suit an H200 (Triton) and a few CPU cores (torch).
+
+    chunk_elements bounds the logits (or their gradient) held at once: tokens x vocabulary
+    entries of one chunk. token_chunk caps the tokens of a CPU chunk. block_* are the Triton
+    tile sizes (powers of two, at least 16); splits is how many vocabulary ranges the
+    forward's programs share a token block between (None: enough to fill the device).
+    """
+
+    chunk_elements: int = 1 << 22
+    token_chunk: int = 4096
+    block_m: int = 64
+    block_v: int = 128
+    block_k: int = 64
+    block_h: int = 64
+    splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+CPU_TILING = Tiling()
+CUDA_TILING = Tiling(chunk_elements=1 << 26)
+
+# Enough programs in the forward grid to keep every streaming multiprocessor of a large GPU
+# busy several times over when there are few token blocks.
+_TARGET_PROGRAMS = 1024
+
+
+# ---------------------------------------------------------------------------------------
+#  Triton kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice's tanh has no interpreter implementation; exp of a non-positive argument
+    # cannot overflow, and the absolute error stays at float32 rounding.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    # pointers
+    hidden_ptr,  # [N, T, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V]
+    # rows and columns of the tile
+    rows_n,  # [BLOCK_M] batch index of each token
+    rows_t,  # [BLOCK_M] position of each token
+    row_ok,  # [BLOCK_M]
+    cols,  # [BLOCK_V] vocabulary index
+    col_ok,  # [BLOCK_V]
+    # sizes
+    H,
+    softcap,
+    # strides
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    # constexpr
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """float32 logits [BLOCK_M, BLOCK_V] of a tile, bias and soft cap applied."""
+    h_rows = hidden_ptr + rows_n[:, None] * stride_hn + rows_t[:, None] * stride_ht
+    w_cols = weight_ptr + cols[None, :].to(tl.int64) * stride_wv
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        # [BLOCK_M, BLOCK_K]
+        h_mask = row_ok[:, None] & k_ok[None, :]
+        h = tl.load(h_rows + ks[None, :] * stride_hh, mask=h_mask, other=0.0)
+        # [BLOCK_K, BLOCK_V]
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_cols + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok).to(tl.float32)[None, :]
+
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _token_rows(order_ptr, count_ptr, pos, T):
+    """Batch index, position and validity of the sorted token slots `pos`."""
+    count = tl.load(count_ptr)
+    ok = pos < count
+    flat = tl.load(order_ptr + pos, mask=ok, other=0)
+    return flat // T, flat % T, ok
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    # pointers
+    hidden_ptr,  # [N, T, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V]
+    labels_ptr,  # [N, T] integer
+    order_ptr,  # [N * T] int64 flat token index, counted tokens first
+    count_ptr,  # [1] number of counted tokens
+    lse_part_ptr,  # [S, N * T] float32 log-sum-exp of each vocabulary range
+    target_ptr,  # [N * T] float32 target logit (left alone where not found)
+    # sizes
+    T,
+    H,
+    V,
+    vocab_per_split,
+    slots,
+    softcap,
+    # strides
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_ln,
+    stride_lt,
+    # constexpr
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(count_ptr):
+        return
+
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
+    y = tl.load(labels_ptr + rows_n * stride_ln + rows_t * stride_lt, mask=row_ok, other=-1)
+
+    # Online log-sum-exp over this program's vocabulary range, plus the target logit.
+    v_start = pid_s * vocab_per_split
+    v_end = tl.minimum(V, v_start + vocab_per_split)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    found = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+        col_ok = cols < v_end
+        z = _logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows_n, rows_t, row_ok, cols, col_ok,
+            H, softcap, stride_hn, stride_ht, stride_hh, stride_wv, stride_wh,
+            HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        # Padded lanes leave the sum only after the soft cap, which would make them finite.
+        z = tl.where(col_ok[None, :], z, float("-inf"))  # [BLOCK_M, BLOCK_V]
+
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+
+        hit = cols[None, :] == y[:, None]  # [BLOCK_M, BLOCK_V]
+        target += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        found += tl.sum(hit.to(tl.int32), axis=1)
+
+    tl.store(lse_part_ptr + pid_s * slots + pos, m + tl.log(s), mask=row_ok)
+    tl.store(target_ptr + pos, target, mask=row_ok & (found > 0))
+
+
+@triton.jit
+def _logprobs_bwd_dlogits_kernel(
+    # pointers
+    hidden_ptr,  # [N, T, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V]
+    labels_ptr,  # [N, T] integer
+    order_ptr,  # [N * T] int64 flat token index, counted tokens first
+    count_ptr,  # [1]
+    lse_ptr,  # [N * T] float32, in sorted order
+    grad_lp_ptr,  # [N] upstream gradient of the log-probabilities
+    dlogits_ptr,  # [N * T, chunk] gradient of this chunk's logits, in sorted order
+    # sizes
+    T,
+    H,
+    v0,
+    v_end,
+    slots,
+    softcap,
+    # strides
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_ln,
+    stride_lt,
+    stride_g,
+    stride_dm,
+    # constexpr
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    # Rows past the count stay at the zeros the buffer was allocated with.
+    if pid_m * BLOCK_M >= tl.load(count_ptr):
+        return
+
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
+    y = tl.load(labels_ptr + rows_n * stride_ln + rows_t * stride_lt, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + pos, mask=row_ok, other=0.0)
+    g = tl.load(grad_lp_ptr + rows_n * stride_g, mask=row_ok, other=0.0).to(tl.float32)
+
+    cols = v0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+    col_ok = cols < v_end
+    z = _logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows_n, rows_t, row_ok, cols, col_ok,
+        H, softcap, stride_hn, stride_ht, stride_hh, stride_wv, stride_wh,
+        HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION,
+    )  # fmt: skip
+
+    # d lp / d z = onehot(y) - softmax(z), scaled by the row's upstream gradient.
+    onehot = (cols[None, :] == y[:, None]).to(tl.float32)
+    d = (onehot - tl.exp(z - lse[:, None])) * g[:, None]  # [BLOCK_M, BLOCK_V]
+    if SOFTCAP:
+        # z is already capped: c * tanh(u / c) has derivative 1 - (z / c)^2.
+        d = d * (1.0 - (z / softcap) * (z / softcap))
+    d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
+
+    out = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm + (cols - v0)[None, :]
+    tl.store(
+        out,
+        d.to(dlogits_ptr.dtype.element_ty),
+        mask=(pos < tl.num_programs(0) * BLOCK_M)[:, None] & col_ok[None, :],
+    )
+
+
+@triton.jit
+def _logprobs_bwd_dhidden_kernel(
+    # pointers
+    dlogits_ptr,  # [N * T, chunk] in sorted order
+    weight_ptr,  # [V, H]
+    count_ptr,  # [1]
+    grad_h_ptr,  # [N * T, H] float32 accumulator, in sorted order
+    # sizes
+    H,
+    v0,
+    width,
+    # strides
+    stride_dm,
+    stride_wv,
+    stride_wh,
+    stride_gm,
+    # constexpr
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    count = tl.load(count_ptr)
+    if pid_m * BLOCK_M >= count:
+        return
+
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    row_ok = pos < count
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    h_ok = hs < H
+    acc_ptrs = grad_h_ptr + pos[:, None].to(tl.int64) * stride_gm + hs[None, :]
+    acc_mask = row_ok[:, None] & h_ok[None, :]
+    acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)  # [BLOCK_M, BLOCK_H]
+
+    d_rows = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm
+    for k0 in range(0, width, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < width
+        # [BLOCK_M, BLOCK_K]
+        d = tl.load(d_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # [BLOCK_K, BLOCK_H]
+        w_ptrs = weight_ptr + (v0 + ks[:, None]).to(tl.int64) * stride_wv + hs[None, :] * stride_wh
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(d, w.to(d.dtype), acc, input_precision=PRECISION)
+
+    tl.store(acc_ptrs, acc, mask=acc_mask)
+
+
+@triton.jit
+def _logprobs_bwd_dweight_kernel(
+    # pointers
+    dlogits_ptr,  # [N * T, chunk] in sorted order
+    hidden_ptr,  # [N, T, H]
+    order_ptr,  # [N * T] int64
+    count_ptr,  # [1]
+    grad_w_ptr,  # [V, H] written for rows v0 .. v0 + width
+    grad_b_ptr,  # [V] float32, written for the same rows
+    # sizes
+    T,
+    H,
+    v0,
+    width,
+    # strides
+    stride_dm,
+    stride_hn,
+    stride_ht,
+    stride_hh,
+    stride_gv,
+    stride_gh,
+    # constexpr
+    HAS_BIAS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    count = tl.load(count_ptr)
+
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] within the chunk
+    col_ok = cols < width
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    h_ok = hs < H
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+
+    # The sum over tokens runs to the count read on the device, so ignored tokens cost
+    # nothing and the host never learns how many there are.
+    for k0 in range(0, count, BLOCK_K):
+        pos = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
+        # [BLOCK_K, BLOCK_V]
+        d_ptrs = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm + cols[None, :]
+        d = tl.load(d_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        # [BLOCK_K, BLOCK_H]
+        h_ptrs = (
+            hidden_ptr
+            + rows_n[:, None] * stride_hn
+            + rows_t[:, None] * stride_ht
+            + hs[None, :] * stride_hh
+        )
+        h = tl.load(h_ptrs, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(d), h.to(d.dtype), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(d.to(tl.float32), axis=0)
+
+    rows = (v0 + cols).to(tl.int64)
+    out = grad_w_ptr + rows[:, None] * stride_gv + hs[None, :] * stride_gh
+    tl.store(out, acc.to(grad_w_ptr.dtype.element_ty), mask=col_ok[:, None] & h_ok[None, :])
+    if HAS_BIAS:
+        if pid_h == 0:
+            tl.store(grad_b_ptr + rows, bias_acc, mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------
+#  Triton launchers
+# ---------------------------------------------------------------------------------------
+
+
+def _check_tiling(tiling: Tiling) -> None:
+    for name in ("block_m", "block_v", "block_k", "block_h"):
+        size = getattr(tiling, name)
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"Tiling.{name} must be a power of two >= 16 (tl.dot), got {size}")
+    if tiling.chunk_elements < 1 or tiling.token_chunk < 1:
+        raise ValueError("Tiling.chunk_elements and Tiling.token_chunk must be positive")
+    if tiling.splits is not None and tiling.splits < 1:
+        raise ValueError(f"Tiling.splits must be positive or None, got {tiling.splits}")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 products follow torch's own switch, so the kernel is as exact as a torch matmul.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _sort_counted(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token indices with the counted tokens first, and their count, both on the device."""
+    counted = (labels != ignore_index).reshape(-1)
+    order = torch.argsort(torch.logical_not(counted).to(torch.uint8), stable=True)
+    return order, counted.sum().reshape(1)
+
+
+def _forward_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    tiling: Tiling,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row log-probabilities [N], plus what the backward needs (lse, order, count)."""
+    _check_tiling(tiling)
+    n_rows, seq_len, width = hidden.shape
+    vocab = weight.shape[0]
+    slots = n_rows * seq_len
+    order, count = _sort_counted(labels, ignore_index)
+
+    m_blocks = triton.cdiv(slots, tiling.block_m)
+    splits = tiling.splits or triton.cdiv(_TARGET_PROGRAMS, m_blocks)
+    splits = max(1, min(splits, triton.cdiv(vocab, tiling.block_v)))
+    vocab_per_split = triton.cdiv(triton.cdiv(vocab, splits), tiling.block_v) * tiling.block_v
+    splits = triton.cdiv(vocab, vocab_per_split)
+
+    lse_part = torch.empty(splits, slots, dtype=torch.float32, device=hidden.device)
+    # A label outside the vocabulary is never found, so its row comes out NaN.
+    target = torch.full((slots,), float("nan"), dtype=torch.float32, device=hidden.device)
+    _logprobs_fwd_kernel[(m_blocks, splits)](
+        hidden_ptr=hidden,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else weight,
+        labels_ptr=labels,
+        order_ptr=order,
+        count_ptr=count,
+        lse_part_ptr=lse_part,
+        target_ptr=target,
+        T=seq_len,
+        H=width,
+        V=vocab,
+        vocab_per_split=vocab_per_split,
+        slots=slots,
+        softcap=float(softcap or 1.0),
+        stride_hn=hidden.stride(0),
+        stride_ht=hidden.stride(1),
+        stride_hh=hidden.stride(2),
+        stride_wv=weight.stride(0),
+        stride_wh=weight.stride(1),
+        stride_ln=labels.stride(0),
+        stride_lt=labels.stride(1),
+        HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None,
+        BLOCK_M=tiling.block_m,
+        BLOCK_V=tiling.block_v,
+        BLOCK_K=tiling.block_k,
+        PRECISION=_dot_precision(hidden.dtype),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+
+    lse = torch.logsumexp(lse_part, dim=0)
+    counted = torch.arange(slots, device=hidden.device) < count
+    token_lp = torch.where(counted, target - lse, 0.0)
+    per_token = torch.zeros(slots, dtype=torch.float32, device=hidden.device)
+    per_token.index_copy_(0, order, token_lp)
+    return per_token.view(n_rows, seq_len).sum(dim=1), lse, order, count
+
+
+def _backward_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    lse: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    grad_lp: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+    tiling: Tiling,
+    grad_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of sum_n grad_lp[n] * lp[n] with respect to (hidden, weight, bias).
+
+    needs says which of the three are wanted. grad_weight, when given, is the [V, H] buffer
+    to write the weight gradient into; every element of it is written.
+    """
+    _check_tiling(tiling)
+    n_rows, seq_len, width = hidden.shape
+    vocab = weight.shape[0]
+    slots = n_rows * seq_len
+    device = hidden.device
+    needs_h, needs_w, needs_b = needs
+    if grad_weight is not None and (grad_weight.shape != weight.shape or not needs_w):
+        raise ValueError("grad_weight must be a [V, H] buffer, and only when it is needed")
+
+    # One chunk of the logits' gradient, zero in the rows that no kernel ever writes.
+    chunk = max(tiling.block_v, tiling.chunk_elements // max(slots, 1))
+    chunk = min(chunk // tiling.block_v * tiling.block_v, triton.cdiv(vocab, 16) * 16)
+    chunk = max(chunk, 16)
+    dlogits = torch.zeros(slots, chunk, dtype=hidden.dtype, device=device)
+    grad_h = torch.zeros(slots, width, dtype=torch.float32, device=device) if needs_h else None
+    if (needs_w or needs_b) and grad_weight is None:
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_b = torch.empty(vocab, dtype=torch.float32, device=device) if needs_b else None
+
+    m_blocks = triton.cdiv(slots, tiling.block_m)
+    h_blocks = triton.cdiv(width, tiling.block_h)
+    precision = _dot_precision(hidden.dtype)
+    for v0 in range(0, vocab, chunk):
+        step = min(chunk, vocab - v0)
+        _logprobs_bwd_dlogits_kernel[(m_blocks, triton.cdiv(step, tiling.block_v))](
+            hidden_ptr=hidden,
+            weight_ptr=weight,
+            bias_ptr=bias if bias is not None else weight,
+            labels_ptr=labels,
+            order_ptr=order,
+            count_ptr=count,
+            lse_ptr=lse,
+            grad_lp_ptr=grad_lp,
+            dlogits_ptr=dlogits,
+            T=seq_len,
+            H=width,
+            v0=v0,
+            v_end=v0 + step,
+            slots=slots,
+            softcap=float(softcap or 1.0),
+            stride_hn=hidden.stride(0),
+            stride_ht=hidden.stride(1),
+            stride_hh=hidden.stride(2),
+            stride_wv=weight.stride(0),
+            stride_wh=weight.stride(1),
+            stride_ln=labels.stride(0),
+            stride_lt=labels.stride(1),
+            stride_g=grad_lp.stride(0),
+            stride_dm=dlogits.stride(0),
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap is not None,
+            BLOCK_M=tiling.block_m,
+            BLOCK_V=tiling.block_v,
+            BLOCK_K=tiling.block_k,
+            PRECISION=precision,
+            num_warps=tiling.num_warps,
+            num_stages=tiling.num_stages,
+        )
+
+        if needs_h:
+            _logprobs_bwd_dhidden_kernel[(m_blocks, h_blocks)](
+                dlogits_ptr=dlogits,
+                weight_ptr=weight,
+                count_ptr=count,
+                grad_h_ptr=grad_h,
+                H=width,
+                v0=v0,
+                width=step,
+                stride_dm=dlogits.stride(0),
+                stride_wv=weight.stride(0),
+                stride_wh=weight.stride(1),
+                stride_gm=grad_h.stride(0),
+                BLOCK_M=tiling.block_m,
+                BLOCK_H=tiling.block_h,
+                BLOCK_K=tiling.block_k,
+                PRECISION=precision,
+                num_warps=tiling.num_warps,
+                num_stages=tiling.num_stages,
+            )
+
+        if needs_w or needs_b:
+            _logprobs_bwd_dweight_kernel[(triton.cdiv(step, tiling.block_v), h_blocks)](
+                dlogits_ptr=dlogits,
+                hidden_ptr=hidden,
+                order_ptr=order,
+                count_ptr=count,
+                grad_w_ptr=grad_weight,
+                grad_b_ptr=grad_b if grad_b is not None else lse,
+                T=seq_len,
+                H=width,
+                v0=v0,
+                width=step,
+                stride_dm=dlogits.stride(0),
+                stride_hn=hidden.stride(0),
+                stride_ht=hidden.stride(1),
+                stride_hh=hidden.stride(2),
+                stride_gv=grad_weight.stride(0),
+                stride_gh=grad_weight.stride(1),
+                HAS_BIAS=needs_b,
+                BLOCK_V=tiling.block_v,
+                BLOCK_H=tiling.block_h,
+                BLOCK_K=tiling.block_k,
+                PRECISION=precision,
+                num_warps=tiling.num_warps,
+                num_stages=tiling.num_stages,
+            )
+
+    grad_hidden = None
+    if needs_h:
+        grad_hidden = torch.zeros(slots, width, dtype=hidden.dtype, device=device)
+        grad_hidden.index_copy_(0, order, grad_h.to(hidden.dtype))
+        grad_hidden = grad_hidden.view(n_rows, seq_len, width)
+    grad_bias = grad_b.to(bias.dtype) if needs_b else None
+    return grad_hidden, grad_weight if needs_w else None, grad_bias
+
+
+# ---------------------------------------------------------------------------------------
+#  The CPU path: the same algorithm in chunks of torch matmuls
+# ---------------------------------------------------------------------------------------
+
+
+def _chunk_shape(counted_tokens: int, vocab: int, tiling: Tiling) -> tuple[int, int]:
+    tokens = max(1, min(counted_tokens, tiling.token_chunk))
+    return tokens, max(1, min(vocab, tiling.chunk_elements // tokens))
+
+
+def _chunk_logits(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None
+) -> torch.Tensor:
+    """float32 logits [tokens, vocab chunk] with the soft cap applied."""
+    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _forward_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    tiling: Tiling,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row log-probabilities [N] and the counted tokens' log-sum-exp [M]."""
+    counted = labels != ignore_index
+    h = hidden[counted].float()  # [M, H]
+    y = labels[counted]  # [M]
+    tokens, chunk = _chunk_shape(h.shape[0], weight.shape[0], tiling)
+
+    lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32)
+    target = torch.full((h.shape[0],), float("nan"), dtype=torch.float32)
+    for v0 in range(0, weight.shape[0], chunk):
+        v1 = min(v0 + chunk, weight.shape[0])
+        w = weight[v0:v1].float()
+        b = bias[v0:v1].float() if bias is not None else None
+        in_chunk = (y >= v0) & (y < v1)
+        col = (y - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1)
+
+        for t0 in range(0, h.shape[0], tokens):
+            t1 = min(t0 + tokens, h.shape[0])
+            z = _chunk_logits(h[t0:t1], w, b, softcap)
+            picked = z.gather(1, col[t0:t1]).squeeze(1)
+            target[t0:t1] = torch.where(in_chunk[t0:t1], picked, target[t0:t1])
+            lse[t0:t1] = torch.logaddexp(lse[t0:t1], torch.logsumexp(z, dim=1))
+
+    per_token = torch.zeros(labels.shape, dtype=torch.float32)
+    per_token[counted] = target - lse
+    return per_token.sum(dim=1), lse
+
+
+def _backward_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    lse: torch.Tensor,
+    grad_lp: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+    tiling: Tiling,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of sum_n grad_lp[n] * lp[n] with respect to (hidden, weight, bias)."""
+    needs_h, needs_w, needs_b = needs
+    counted = labels != ignore_index
+    h = hidden[counted].float()  # [M, H]
+    y = labels[counted]  # [M]
+    g = grad_lp.float().unsqueeze(1).expand(labels.shape)[counted]  # [M]
+    vocab, width = weight.shape
+    tokens, chunk = _chunk_shape(h.shape[0], vocab, tiling)
+
+    grad_h = torch.zeros_like(h) if needs_h else None
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_w else None
+    # A float32 weight takes its gradient in place; another dtype is summed in float32 first.
+    scratch = None
+    if needs_w and weight.dtype != torch.float32:
+        scratch = torch.empty(chunk, width, dtype=torch.float32)
+    grad_b = torch.zeros(vocab, dtype=torch.float32) if needs_b else None
+
+    for v0 in range(0, vocab, chunk):
+        v1 = min(v0 + chunk, vocab)
+        w = weight[v0:v1].float()
+        b = bias[v0:v1].float() if bias is not None else None
+        col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+        g_target = torch.where((y >= v0) & (y < v1), g, 0.0).unsqueeze(1)
+        block = None
+        if needs_w:
+            block = grad_w[v0:v1] if scratch is None else scratch[: v1 - v0]
+            block.zero_()
+
+        for t0 in range(0, h.shape[0], tokens):
+            t1 = min(t0 + tokens, h.shape[0])
+            z = h[t0:t1] @ w.T if b is None else torch.addmm(b, h[t0:t1], w.T)
+            cap = None
+            if softcap is not None:
+                cap = z.div_(softcap).tanh_()
+                z = cap * softcap
+
+            # g * (onehot - softmax), built in the logits' own buffer.
+            d = z.sub_(lse[t0:t1, None]).exp_().mul_(-g[t0:t1, None])
+            d.scatter_add_(1, col[t0:t1], g_target[t0:t1])
+            if cap is not None:
+                d.mul_(cap.square_().neg_().add_(1.0))
+
+            if needs_h:
+                grad_h[t0:t1].addmm_(d, w)
+            if needs_w:
+                block.addmm_(d.T, h[t0:t1])
+            if needs_b:
+                grad_b[v0:v1] += d.sum(dim=0)
+
+        if scratch is not None:
+            grad_w[v0:v1].copy_(block)
+
+    grad_hidden = None
+    if needs_h:
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        grad_hidden[counted] = grad_h.to(hidden.dtype)
+    grad_bias = grad_b.to(bias.dtype) if needs_b else None
+    return grad_hidden, grad_w, grad_bias
+
+
+# ---------------------------------------------------------------------------------------
+#  Autograd and the public function
+# ---------------------------------------------------------------------------------------
+
+
+class _SequenceLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, backend, tiling):
+        if backend == "triton":
+            lp, lse, order, count = _forward_triton(
+                hidden, weight, bias, labels, ignore_index, softcap, tiling
+            )
+            ctx.save_for_backward(hidden, weight, bias, labels, lse, order, count)
+        else:
+            lp, lse = _forward_torch(hidden, weight, bias, labels, ignore_index, softcap, tiling)
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.ignore_index = ignore_index
+        ctx.softcap = softcap
+        ctx.backend = backend
+        ctx.tiling = tiling
+        return lp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lp):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not any(needs):
+            return (None,) * 8
+
+        if ctx.backend == "triton":
+            hidden, weight, bias, labels, lse, order, count = ctx.saved_tensors
+            grads = _backward_triton(
+                hidden, weight, bias, labels, ctx.softcap, lse, order, count,
+                grad_lp, needs, ctx.tiling,
+            )  # fmt: skip
+        else:
+            hidden, weight, bias, labels, lse = ctx.saved_tensors
+            grads = _backward_torch(
+                hidden, weight, bias, labels, ctx.ignore_index, ctx.softcap, lse,
+                grad_lp, needs, ctx.tiling,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None)
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float | None,
+) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"labels must be [N, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden and weight must share one floating dtype, got {hidden.dtype} and "
+            f"{weight.dtype}"
+        )
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"bias must be [V] = [{weight.shape[0]}] in {weight.dtype}, got "
+            f"{tuple(bias.shape)} in {bias.dtype}"
+        )
+    tensors = [hidden, weight, labels] + ([bias] if bias is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(
+            f"all inputs must be on one device, got {[str(t.device) for t in tensors]}"
+        )
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap}")
+
+
+def _sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    *,
+    backend: str,
+    tiling: Tiling | None = None,
+) -> torch.Tensor:
+    """sequence_logprobs with the path and the tiling chosen by the caller (tests, benches)."""
+    _check_inputs(hidden, weight, labels, bias, softcap)
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" and hidden.device.type != "cpu":
+        raise ValueError(f"the torch path runs on the CPU, got tensors on {hidden.device}")
+    if tiling is None:
+        tiling = CUDA_TILING if backend == "triton" else CPU_TILING
+
+    # Checked on the device, so the host never waits for it.
+    vocab = weight.shape[0]
+    valid = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
+    torch._assert_async(
+        valid.all(), f"sequence_logprobs: labels must lie in [0, {vocab}) or equal ignore_index"
+    )
+    softcap = None if softcap is None else float(softcap)
+    return _SequenceLogprobs.apply(
+        hidden, weight, bias, labels, ignore_index, softcap, backend, tiling
+    )
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum over each row's counted tokens of log softmax(hidden @ weight.T + bias)[label].
+
+    hidden: [N, T, H] final hidden states (after the final norm); weight: [V, H], the LM
+    head; labels: [N, T] integers aligned with hidden (labels[n, t] is the token predicted
+    from hidden[n, t]; the caller shifts), ignore_index where a token is not counted;
+    bias: optional [V]; softcap: None or c, meaning logits -> c * tanh(logits / c).
+
+    Returns float32 [N]; a row with no counted token gives 0. Differentiable with respect
+    to hidden, weight and bias, and never holds more than a chunk of the logits. CUDA
+    tensors run the Triton kernels, CPU tensors the chunked torch path.
+    """
+    backend = "triton" if hidden.device.type == "cuda" else "torch"
+    return _sequence_logprobs(hidden, weight, labels, bias, ignore_index, softcap, backend=backend)
