@@ -16,8 +16,11 @@ Reading
         chosen_score/rejected_score, at top level or under `metadata`) whose scores are equal
         are dropped as "tie"; empty responses as "empty_response", an empty prompt as
         "empty_prompt", equal responses as "identical_responses".
+    preference_pair(row) -> (pair, None) or (None, reason): the rule above for one row.
     default_objectives(stats=None) -> {"overall_score": pairs, "rubric_mean": pairs}
-        The embedded real data of `mofast.assets.DEFAULT_OBJECTIVES`.
+        The embedded real data of `mofast.assets.DEFAULT_OBJECTIVES`; `stats` is a dict that
+        receives one Counter per objective (overall_score drops 111 ties, 2 empty responses
+        and 3 pairs whose two responses are the same text).
 
 UltraFeedback (openbmb/UltraFeedback schema: `instruction` and `completions`)
     ultrafeedback_objectives(records, stats=None, mode="aspects") -> {objective: pairs}
@@ -25,6 +28,7 @@ UltraFeedback (openbmb/UltraFeedback schema: `instruction` and `completions`)
         the sum of the four ratings. Drop reasons: "empty_prompt", "empty_response",
         "missing_rating", "tie", "identical_responses".
     golden_response(record) -> str
+    aspect_rating(completion, aspect) -> float | None
 
     A rating is a string "1".."5" (numbers are accepted too); "N/A", a missing `Rating` or
     anything that does not parse is no rating. An aspect given as a list of annotation
@@ -48,20 +52,24 @@ Tokenising
                 max_prompt_length=None, stats=None)
         -> {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
            or None (the reason counted in `stats`: "empty_prompt", "empty_response",
-           "identical_responses", "identical_after_truncation").
-        Labels are aligned with input_ids: labels[t] = input_ids[t] on response tokens and
-        -100 on the prompt (the trainer shifts). With a chat template the template's own
-        text is rendered once per tokenizer around placeholders; prompt and response text
-        are tokenised with `split_special_tokens=True`, so text in the data can never become
-        a control token. One BOS at the start (added when the tokenizer adds one by default
-        and the template does not), exactly one end-of-turn token closing each response (the
-        template's first special token after the assistant's text, else EOS); whatever the
-        template writes after it (a newline) is not trained on. Without a chat template:
-        BOS + prompt + PLAIN_SEPARATOR + response + EOS. Truncation when a row exceeds
-        max_length: the prompt is cut from the left (its BOS kept), by one cut shared by both
-        rows, down to what the longer response leaves but never below
-        min(prompt length, max_prompt_length) (default max_length // 2); then each response
-        is cut on the right to what remains (a cut response loses its end-of-turn token).
+           "identical_responses", "identical_after_truncation", "no_room_for_response").
+        Whitespace around the prompt and responses is dropped, as most chat templates trim
+        message content. Labels are aligned with input_ids: labels[t] = input_ids[t] on response
+        tokens and -100 on the prompt (the trainer shifts). With a chat template, the template
+        is rendered once per tokenizer around placeholders; the row is then its text pieces and
+        the data text, each tokenised as it tokenises in running text (behind the character
+        before it), so the ids equal the template's own tokenisation, except that data text is
+        tokenised with `split_special_tokens=True` and can never become a control token. One BOS
+        at the start (added when the tokenizer adds one by default and the template does not; a
+        doubled BOS is collapsed), no BOS after it, exactly one end-of-turn token closing each
+        response: the template's first special token after the assistant's text (EOS when there
+        is none); what the template writes after it (a newline) is left out. Without a chat
+        template: BOS + prompt + PLAIN_SEPARATOR + response + EOS, tokenised as that running
+        text. Truncation when a row exceeds max_length: the prompt is cut from the left (its BOS
+        and the template's text before it kept), by one cut shared by both rows, down to what
+        the longer response leaves but never below min(prompt length, max_prompt_length)
+        (default max_length // 2); then each response is cut on the right to what remains (a cut
+        response loses its end-of-turn token).
     tokenize_objective(tokenizer, pairs, max_length=1024, stats=None, *,
                        max_prompt_length=None, cache_dir=None) -> datasets.Dataset
         The encoded pairs (the four columns above), tokenised once: the Dataset is built from
@@ -69,13 +77,15 @@ Tokenising
         the tokenizer, the lengths and this encoding, so a second call (in any process) loads
         it from `cache_dir` (default: `datasets`' cache folder / "mofast"). The fingerprint
         is the returned Dataset's `_fingerprint`; it is a stable key for the tokenised data.
+    tokenizer_fingerprint(tokenizer) -> str: the tokenizer's part of that key.
 
 Batching
     PairCollator(pad_token_id) / PairCollator.for_tokenizer(tokenizer)
         A list of encoded pairs (or a dict of columns, as `dataset[indices]` returns) ->
         {"input_ids", "labels", "attention_mask"}, each int64 [2B, T]: the B chosen rows then
         the B rejected rows, right-padded with pad_token_id (the tokenizer's pad token, else
-        its EOS), labels -100 and attention 0 on padding.
+        its EOS), labels -100 and attention 0 on padding. pad_token_id_of(tokenizer) gives
+        that id.
     MultiObjectiveSampler(sizes, micro_batch=8, grad_accum=4, seed=0)
         Iterating yields, for each remaining optimiser step of the current epoch,
         {objective: [grad_accum lists of micro_batch dataset indices]}. An epoch has
@@ -89,7 +99,6 @@ Batching
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -97,7 +106,7 @@ import math
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +158,7 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"preference file not found: {path}")
         builder = "parquet" if suffix in _PARQUET_SUFFIXES else "json"
-        return _load_local(builder, path)
+        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
 
     if path.exists():
         raise ValueError(
@@ -157,22 +166,6 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
             f"{', '.join(_JSON_SUFFIXES + _PARQUET_SUFFIXES)}"
         )
     return datasets.load_dataset(str(source), split=split).to_list()
-
-
-def _load_local(builder: str, path: Path) -> list[dict]:
-    # A .json file holding one JSON array is read directly: `datasets`' JSON builder wants
-    # one object per line or a named field.
-    if builder == "json" and not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            head = handle.read(1)
-            while head.isspace():
-                head = handle.read(1)
-            if head == "[":
-                handle.seek(0)
-                return list(json.load(handle))
-
-    return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
 
 
 def _is_messages(value: Any) -> bool:
@@ -458,25 +451,56 @@ _PROMPT_SLOT = "MOFASTPROMPTSLOT"
 _RESPONSE_SLOT = "MOFASTRESPONSESLOT"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Layout:
-    """How one tokenizer renders a pair: token ids around the prompt and response text."""
+    """How one tokenizer renders a pair: the template's text around the prompt and response.
 
-    before_prompt: tuple[int, ...]
-    after_prompt: tuple[int, ...]
-    after_response: tuple[int, ...]
-    separator: str
+    A row is prefix + before + prompt + after + response + closing + suffix: text pieces
+    tokenised one by one (so data text cannot form a control token), prefix and suffix ids.
+    """
+
+    before: str
+    after: str
+    closing: str
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    specials: tuple[str, ...]
+    bos: int | None
+    memo: dict = field(default_factory=dict)
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _ids(tokenizer, text: str, *, data: bool) -> list[int]:
-    # Data text is split on special-token strings so it can never inject a control token.
+    # Data text is split on special-token strings so it can never become a control token.
     if not text:
         return []
     encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=data)
     return list(encoded["input_ids"])
+
+
+def _piece_ids(tokenizer, layout: _Layout, text: str, previous: str, *, data: bool) -> list[int]:
+    """The ids of `text` as it tokenises after the text `previous` in the rendered row.
+
+    Tokenised alone, a piece can differ from the same text in running text (SentencePiece
+    tokenizers prefix every call with a space marker), so the piece is tokenised behind the
+    last character before it, whose ids are then removed; where that character does not
+    tokenise on its own as a prefix, or ends a special token, the piece is tokenised alone.
+    """
+    if not text:
+        return []
+    anchor = previous[-1:]
+    if not anchor or previous.endswith(layout.specials):
+        return _ids(tokenizer, text, data=data)
+
+    if anchor not in layout.memo:
+        layout.memo[anchor] = _ids(tokenizer, anchor, data=True)
+    anchor_ids = layout.memo[anchor]
+    ids = _ids(tokenizer, anchor + text, data=data)
+    if ids[: len(anchor_ids)] == anchor_ids:
+        return ids[len(anchor_ids) :]
+    return _ids(tokenizer, text, data=data)
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -488,11 +512,12 @@ def _adds_bos(tokenizer) -> bool:
     return with_specials[:1] == [bos] and without[:1] != [bos]
 
 
-def _special_ids(tokenizer) -> set[int]:
-    special = set(tokenizer.all_special_ids)
+def _special_strings(tokenizer) -> tuple[str, ...]:
+    strings = set(tokenizer.all_special_tokens)
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special.update(i for i, token in decoder.items() if getattr(token, "special", False))
-    return special
+    strings.update(t.content for t in decoder.values() if getattr(t, "special", False))
+    # Longest first, so a token that contains another is found whole.
+    return tuple(sorted((s for s in strings if s), key=len, reverse=True))
 
 
 def _chat_layout(tokenizer) -> _Layout:
@@ -513,40 +538,38 @@ def _chat_layout(tokenizer) -> _Layout:
         raise ValueError("the chat template does not render the assistant's text exactly once")
 
     before, after = prompt_text.split(_PROMPT_SLOT)
-    between, suffix = full_text[len(prompt_text) :].split(_RESPONSE_SLOT)
+    between, rest = full_text[len(prompt_text) :].split(_RESPONSE_SLOT)
     if between.strip():
         raise ValueError(
             f"the chat template writes {between!r} before the assistant's text only when a "
             "response follows; mofast cannot mask it identically"
         )
-    before_ids, after_ids = _ids(tokenizer, before, data=False), _ids(tokenizer, after, data=False)
-    suffix_ids = _ids(tokenizer, suffix, data=False)
+    specials = _special_strings(tokenizer)
 
-    bos = tokenizer.bos_token_id
-    if bos is not None and _adds_bos(tokenizer) and before_ids[:1] != [bos]:
-        before_ids = [bos] + before_ids
-    while bos is not None and before_ids[:2] == [bos, bos]:
-        before_ids = before_ids[1:]
+    # The turn ends at the first special token after the assistant's text (<|im_end|>,
+    # <end_of_turn>, <|eot_id|>, </s>); what the template writes after it is not trained on.
+    ends = [rest.find(s) + len(s) for s in specials if s in rest]
+    closing, suffix = rest[: min(ends)] if ends else "", ()
+    if not ends:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the chat template closes no turn and the tokenizer has no EOS")
+        suffix = (tokenizer.eos_token_id,)
 
-    special = _special_ids(tokenizer)
-    end = next((i for i, t in enumerate(suffix_ids) if t in special), None)
-    if end is not None:
-        closing = suffix_ids[: end + 1]
-    elif tokenizer.eos_token_id is not None:
-        closing = [tokenizer.eos_token_id]
-    else:
-        raise ValueError("the chat template closes no turn and the tokenizer has no EOS token")
-    after_ids += _ids(tokenizer, between, data=False)
-    return _Layout(tuple(before_ids), tuple(after_ids), tuple(closing), separator="")
+    bos, prefix = tokenizer.bos_token_id, ()
+    if bos is not None and _adds_bos(tokenizer):
+        before_ids = _ids(tokenizer, before, data=False)
+        prefix = () if before_ids[:1] == [bos] else (bos,)
+    return _Layout(before, after + between, closing, prefix, suffix, specials, bos)
 
 
 def _plain_layout(tokenizer) -> _Layout:
     if tokenizer.eos_token_id is None:
         raise ValueError("a tokenizer without a chat template needs an EOS token")
     bos = tokenizer.bos_token_id
-    # The separator is tokenised with the prompt, as it would be in running text.
-    head = (bos,) if bos is not None else ()
-    return _Layout(head, (), (tokenizer.eos_token_id,), separator=PLAIN_SEPARATOR)
+    prefix = (bos,) if bos is not None else ()
+    return _Layout(
+        "", PLAIN_SEPARATOR, "", prefix, (tokenizer.eos_token_id,), _special_strings(tokenizer), bos
+    )
 
 
 def _layout(tokenizer) -> _Layout:
@@ -573,12 +596,16 @@ def _encode(
         return None, "identical_responses"
     layout = _layout(tokenizer)
 
-    head = list(layout.before_prompt)
-    body = _ids(tokenizer, prompt + layout.separator, data=True) + list(layout.after_prompt)
-    responses = [
-        _ids(tokenizer, text, data=True) + list(layout.after_response)
-        for text in (chosen, rejected)
-    ]
+    head = list(layout.prefix) + _piece_ids(tokenizer, layout, layout.before, "", data=False)
+    while layout.bos is not None and head[:2] == [layout.bos, layout.bos]:
+        head = head[1:]
+    body = _piece_ids(tokenizer, layout, prompt, layout.before, data=True)
+    body += _piece_ids(tokenizer, layout, layout.after, prompt, data=False)
+    responses = []
+    for text in (chosen, rejected):
+        ids = _piece_ids(tokenizer, layout, text, layout.before + layout.after, data=True)
+        ids += _piece_ids(tokenizer, layout, layout.closing, text, data=False)
+        responses.append(ids + list(layout.suffix))
 
     longest = max(len(r) for r in responses)
     if len(head) + len(body) + longest > max_length:
@@ -862,11 +889,11 @@ class MultiObjectiveSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for field in ("seed", "sizes", "micro_batch", "grad_accum"):
-            if state[field] != getattr(self, field):
+        for name in ("seed", "sizes", "micro_batch", "grad_accum"):
+            if state[name] != getattr(self, name):
                 raise ValueError(
-                    f"cannot resume the sampler: {field} was {state[field]!r} and is now "
-                    f"{getattr(self, field)!r}"
+                    f"cannot resume the sampler: {name} was {state[name]!r} and is now "
+                    f"{getattr(self, name)!r}"
                 )
         if not 0 <= state["step"] < self.steps_per_epoch or state["epoch"] < 0:
             raise ValueError(f"cannot resume the sampler at {state['epoch']}:{state['step']}")
