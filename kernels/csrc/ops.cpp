@@ -11,7 +11,7 @@ TORCH_LIBRARY(mofast, m) {
   // grads: [k, P], weights: float32 [k], out: [P] (any float dtype) <- sum_i w_i grads[i]
   m.def("combine(Tensor grads, Tensor weights, Tensor(a!) out) -> ()");
   // gram: [B, k, k] float32 -> weights [B, k] float32 on the simplex
-  m.def("min_norm(Tensor gram, int max_iters, float tol, str method) -> Tensor");
+  m.def("min_norm(Tensor gram, int max_iters, float tol, str method) -> (Tensor, Tensor, Tensor)");
 }
 
 static struct PyModuleDef mofast_native_module = {
