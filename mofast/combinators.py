@@ -187,8 +187,8 @@ class MGDA(Combinator):
         eps: float = 1e-12,
     ):
         super().__init__(k)
-        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+            raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
         if not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be finite and >= 0, got {tol}")
         if method not in SOLVER_METHODS:
