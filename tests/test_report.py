@@ -1,0 +1,142 @@
+"""The report: tallies, the paired bootstrap on cases with a known answer, table marks, plot."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mofast import report
+from mofast.cli import main as cli_main
+
+
+def test_bootstrap_identical_systems_are_not_significant():
+    rng = np.random.default_rng(11)
+    scores = rng.choice([-1.0, 0.0, 1.0], size=203)
+    result = report.paired_bootstrap(scores, scores.copy())
+    assert result.delta == 0.0 and result.low == 0.0 and result.high == 0.0
+    assert not result.significant and result.p_value == 1.0 and result.n == 203
+
+
+def test_bootstrap_a_system_that_wins_every_prompt_is_significant():
+    rng = np.random.default_rng(12)
+    reference = rng.choice([-1.0, 0.0, 1.0], size=57, p=[0.5, 0.2, 0.3])
+    result = report.paired_bootstrap(np.ones(57), reference)
+    assert result.significant and result.low > 0.0
+    assert result.delta == pytest.approx(100.0 * (1.0 - reference.mean()))
+    assert result.p_value < 0.05
+
+    # The mirror image: losing every prompt is no improvement.
+    worse = report.paired_bootstrap(-np.ones(57), reference)
+    assert not worse.significant and worse.high < 0.0
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    rng = np.random.default_rng(13)
+    model = rng.choice([-1.0, 0.0, 1.0], size=1501, p=[0.3, 0.3, 0.4])
+    reference = rng.choice([-1.0, 0.0, 1.0], size=1501, p=[0.35, 0.3, 0.35])
+    result = report.paired_bootstrap(model, reference, resamples=10_000, seed=5)
+    diff = 100.0 * (model - reference)
+    half = 1.959964 * diff.std(ddof=1) / math.sqrt(diff.size)
+    assert result.low == pytest.approx(diff.mean() - half, abs=0.15 * half)
+    assert result.high == pytest.approx(diff.mean() + half, abs=0.15 * half)
+
+    again = report.paired_bootstrap(model, reference, resamples=10_000, seed=5)
+    assert (again.low, again.high) == (result.low, result.high)
+
+
+def test_bootstrap_rejects_unpaired_input():
+    with pytest.raises(ValueError, match="one length"):
+        report.paired_bootstrap(np.ones(3), np.ones(4))
+    empty = report.paired_bootstrap(np.array([]), np.array([]))
+    assert empty.n == 0 and not empty.significant
+
+
+def _write_folder(folder, systems, judge="openai:test@http://x", prompts=25):
+    """An eval folder with results.jsonl rows made from {label: {question: [outcome]}}."""
+    folder.mkdir(parents=True)
+    rows = []
+    for label, per_question in systems.items():
+        for question, outcomes in per_question.items():
+            for i, outcome in enumerate(outcomes):
+                rows.append(
+                    {
+                        "model": label,
+                        "prompt_id": f"p{i:03d}",
+                        "question": question,
+                        "order": "model_first",
+                        "outcome": outcome,
+                    }
+                )
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"judge": judge, "heldout": {"prompts": prompts, "source": "s", "golden": "g"}}
+    (folder / "eval.json").write_text(json.dumps(meta))
+
+
+def _mixed(n, seed):
+    rng = np.random.default_rng(seed)
+    return list(rng.choice(["win", "tie", "loss"], size=n, p=[0.3, 0.2, 0.5]))
+
+
+def test_report_tallies_marks_and_plot(tmp_path):
+    n = 25
+    reference = _mixed(n, 1)
+    systems = {
+        "REFERENCE": {"overall": reference, "honesty": _mixed(n, 2)},
+        "always-wins": {"overall": ["win"] * n, "honesty": _mixed(n, 3)},
+        "same": {"overall": list(reference), "honesty": _mixed(n, 4)},
+        "flaky": {"overall": ["invalid"] * 5 + ["tie"] * (n - 5), "honesty": _mixed(n, 5)},
+    }
+    folder = tmp_path / "eval"
+    _write_folder(folder, systems)
+    assert cli_main(["report", str(folder), "--resamples", "2000"]) == 0
+
+    text = (folder / "report.md").read_text()
+    net_table = text.split("## Net win rate (%)")[1].split("##")[0]
+    lines = {line.split("|")[1].strip(): line for line in net_table.splitlines() if "|" in line}
+    # Best in the overall column is bold; only the system that always wins is marked †.
+    assert "**+100.0**†" in lines["always-wins"]
+    ref_net = 100.0 * (reference.count("win") - reference.count("loss")) / n
+    assert f"| {ref_net:+.1f} |" in lines["same"] and "†" not in lines["same"]
+    assert "†" not in lines["REFERENCE"] and "†" not in lines["flaky"]
+
+    numbers = json.loads((folder / "report.json").read_text())
+    flaky = next(r for r in numbers if r["model"] == "flaky" and r["question"] == "overall")
+    assert (flaky["invalid"], flaky["tie"], flaky["win"], flaky["loss"]) == (5, n - 5, 0, 0)
+    assert flaky["net"] == 0.0 and flaky["bootstrap"]["n"] == n - 5
+    same = next(r for r in numbers if r["model"] == "same" and r["question"] == "overall")
+    assert same["bootstrap"]["delta"] == 0.0 and not same["bootstrap"]["significant"]
+    wins = next(r for r in numbers if r["model"] == "always-wins" and r["question"] == "overall")
+    assert wins["bootstrap"]["significant"] and wins["bootstrap"]["low"] > 0
+
+    detail = text.split("## Win / tie / loss per question")[1]
+    flaky_row = next(line for line in detail.splitlines() if "| overall | flaky |" in line)
+    cells = [c.strip() for c in flaky_row.split("|")]
+    assert cells[3:9] == ["0.0", "100.0", "**0.0**", "+0.0", "5", str(n - 5)]
+
+    png = folder / "net_win_rate.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def test_report_over_several_folders_shares_an_identical_reference(tmp_path):
+    n = 19
+    reference = {"overall": _mixed(n, 6)}
+    _write_folder(tmp_path / "a", {"REFERENCE": reference, "m": {"overall": ["win"] * n}})
+    _write_folder(tmp_path / "b", {"REFERENCE": reference, "m": {"overall": ["loss"] * n}})
+    text, rows, labels, _ = report.build_report([tmp_path / "a", tmp_path / "b"], resamples=1000)
+    assert labels == ["REFERENCE", "m", "m (b)"]
+    by = {r.label: r for r in rows}
+    assert by["m"].test.significant and not by["m (b)"].test.significant
+    assert "| m (b) |" in text
+
+
+def test_report_without_a_reference_or_results(tmp_path):
+    _write_folder(tmp_path / "solo", {"m": {"overall": _mixed(9, 7)}})
+    text, rows, _, _ = report.build_report([tmp_path / "solo"], resamples=100)
+    assert rows[0].test is None and "no REFERENCE" in text
+    assert not report.plot(rows, ["m"], ["overall"], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+    with pytest.raises(FileNotFoundError, match="not a `mofast eval` output folder"):
+        report.load_folder(tmp_path)
+    assert cli_main(["report", str(tmp_path)]) == 2
