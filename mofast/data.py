@@ -61,17 +61,19 @@ Tokenising
         before it), so the ids equal the template's own tokenisation, except that data text is
         tokenised with `split_special_tokens=True` and can never become a control token. One BOS
         at the start (added when the tokenizer adds one by default and the template does not; a
-        doubled BOS is collapsed), no BOS after it, exactly one end-of-turn token closing each
-        response: the template's first special token after the assistant's text (EOS when there
-        is none); what the template writes after it (a newline) is left out. Without a chat
-        template: BOS + prompt + PLAIN_SEPARATOR + response + EOS, tokenised as that running
-        text. Truncation when a row exceeds max_length: the prompt is cut from the left (its BOS
-        and the template's text before it kept), by one cut shared by both rows, down to what
-        the longer response leaves but never below min(prompt length, max_prompt_length)
-        (default max_length // 2); then each response is cut on the right to what remains (a cut
-        response loses its end-of-turn token).
+        doubled BOS is collapsed) and none added after it, exactly one end-of-turn token closing
+        each response: the template's first special token after the assistant's text (EOS when
+        there is none); what the template writes after it (a newline) is left out. Without a
+        chat template: BOS + prompt + PLAIN_SEPARATOR + response + EOS, tokenised as that
+        running text. Truncation when a row exceeds max_length: the prompt is cut from the left
+        (only the prompt's own text: BOS and template text stay whole), by one cut shared by
+        both rows, down to what the longer response leaves but never below min(prompt length,
+        max_prompt_length) (default max_length // 2), the prompt length counting BOS and
+        template text; then each response is cut on the right to what remains (a cut response
+        loses its end-of-turn token).
     tokenize_objective(tokenizer, pairs, max_length=1024, stats=None, *,
-                       max_prompt_length=None, cache_dir=None) -> datasets.Dataset
+                       max_prompt_length=None, cache_dir=None, num_proc=None)
+        -> datasets.Dataset
         The encoded pairs (the four columns above), tokenised once: the Dataset is built from
         the pairs and mapped into an Arrow file named by a fingerprint of the pairs' content,
         the tokenizer, the lengths and this encoding, so a second call (in any process) loads
@@ -134,7 +136,7 @@ _JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 _PARQUET_SUFFIXES = (".parquet",)
 
 # Bumped whenever the encoding changes, so stale tokenised caches are never reused.
-_ENCODING_VERSION = "mofast-pairs-1"
+_ENCODING_VERSION = "mofast-pairs-3"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +395,14 @@ def _key_function(key: str | Callable[[Any], Any]) -> Callable[[Any], Any]:
     return key if callable(key) else (lambda item: item[key])
 
 
+def _canonical(key: Any) -> str:
+    return key if isinstance(key, str) else json.dumps(key, sort_keys=True, ensure_ascii=False)
+
+
 def _test_keys(keys: Iterable[Any], test_fraction: float, seed: int) -> set:
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1]; got {test_fraction}")
-    unique = {json.dumps(k, sort_keys=True, ensure_ascii=False): k for k in keys}
+    unique = {_canonical(k) for k in keys}
 
     def rank(text: str) -> tuple[bytes, str]:
         digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=16).digest()
@@ -410,7 +416,7 @@ def _test_keys(keys: Iterable[Any], test_fraction: float, seed: int) -> set:
 def _partition(items: Sequence, key_of: Callable, test: set) -> tuple[list, list]:
     train, held_out = [], []
     for item in items:
-        side = json.dumps(key_of(item), sort_keys=True, ensure_ascii=False) in test
+        side = _canonical(key_of(item)) in test
         (held_out if side else train).append(item)
     return train, held_out
 
@@ -480,7 +486,9 @@ def _ids(tokenizer, text: str, *, data: bool) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def _piece_ids(tokenizer, layout: _Layout, text: str, previous: str, *, data: bool) -> list[int]:
+def _piece_ids(
+    tokenizer, layout: _Layout, text: str, previous: str, *, data: bool, memo: dict | None = None
+) -> list[int]:
     """The ids of `text` as it tokenises after the text `previous` in the rendered row.
 
     Tokenised alone, a piece can differ from the same text in running text (SentencePiece
@@ -491,16 +499,27 @@ def _piece_ids(tokenizer, layout: _Layout, text: str, previous: str, *, data: bo
     if not text:
         return []
     anchor = previous[-1:]
-    if not anchor or previous.endswith(layout.specials):
-        return _ids(tokenizer, text, data=data)
+    if anchor and previous.endswith(layout.specials):
+        anchor = ""
 
-    if anchor not in layout.memo:
-        layout.memo[anchor] = _ids(tokenizer, anchor, data=True)
-    anchor_ids = layout.memo[anchor]
+    # Template pieces recur in every row, data text in every pair of the same prompt.
+    cache = memo if data else layout.memo
+    key = (text, anchor, data)
+    if cache is not None and key in cache:
+        return list(cache[key])
+
     ids = _ids(tokenizer, anchor + text, data=data)
-    if ids[: len(anchor_ids)] == anchor_ids:
-        return ids[len(anchor_ids) :]
-    return _ids(tokenizer, text, data=data)
+    if anchor:
+        if anchor not in layout.memo:
+            layout.memo[anchor] = _ids(tokenizer, anchor, data=True)
+        anchor_ids = layout.memo[anchor]
+        if ids[: len(anchor_ids)] == anchor_ids:
+            ids = ids[len(anchor_ids) :]
+        else:
+            ids = _ids(tokenizer, text, data=data)
+    if cache is not None:
+        cache[key] = tuple(ids)
+    return ids
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -584,7 +603,13 @@ def _layout(tokenizer) -> _Layout:
 
 
 def _encode(
-    tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, max_prompt_length: int
+    tokenizer,
+    prompt: str,
+    chosen: str,
+    rejected: str,
+    max_length: int,
+    max_prompt_length: int,
+    memo: dict | None = None,
 ) -> tuple[dict | None, str | None]:
     # Surrounding whitespace is dropped, as most chat templates trim message content.
     prompt, chosen, rejected = prompt.strip(), chosen.strip(), rejected.strip()
@@ -599,27 +624,29 @@ def _encode(
     head = list(layout.prefix) + _piece_ids(tokenizer, layout, layout.before, "", data=False)
     while layout.bos is not None and head[:2] == [layout.bos, layout.bos]:
         head = head[1:]
-    body = _piece_ids(tokenizer, layout, prompt, layout.before, data=True)
-    body += _piece_ids(tokenizer, layout, layout.after, prompt, data=False)
+    body = _piece_ids(tokenizer, layout, prompt, layout.before, data=True, memo=memo)
+    tail = _piece_ids(tokenizer, layout, layout.after, prompt, data=False)
     responses = []
     for text in (chosen, rejected):
-        ids = _piece_ids(tokenizer, layout, text, layout.before + layout.after, data=True)
+        previous = layout.before + layout.after
+        ids = _piece_ids(tokenizer, layout, text, previous, data=True, memo=memo)
         ids += _piece_ids(tokenizer, layout, layout.closing, text, data=False)
         responses.append(ids + list(layout.suffix))
 
-    longest = max(len(r) for r in responses)
-    if len(head) + len(body) + longest > max_length:
-        floor = min(len(head) + len(body), max_prompt_length)
-        keep = max(max_length - longest, floor) - len(head)
+    # Only the prompt's own text is cut: the template's text around it stays whole.
+    frame, longest = len(head) + len(tail), max(len(r) for r in responses)
+    if frame + len(body) + longest > max_length:
+        floor = min(frame + len(body), max_prompt_length)
+        keep = max(max_length - longest, floor) - frame
         body = body[len(body) - max(keep, 0) :]
-        room = max_length - len(head) - len(body)
+        room = max_length - frame - len(body)
         if room < 1:
             return None, "no_room_for_response"
         responses = [r[:room] for r in responses]
     if responses[0] == responses[1]:
         return None, "identical_after_truncation"
 
-    prompt_ids = head + body
+    prompt_ids = head + body + tail
     encoded = {}
     for name, response in zip(("chosen", "rejected"), responses, strict=True):
         encoded[f"{name}_input_ids"] = prompt_ids + response
@@ -659,18 +686,25 @@ def encode_pair(
 
 
 _COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+_TEXT_FEATURES = datasets.Features(
+    {name: datasets.Value("string") for name in ("prompt", "chosen", "rejected")}
+)
+# int32 holds any vocabulary and -100, at half the size of int64.
+_PAIR_FEATURES = datasets.Features(
+    {name: datasets.List(datasets.Value("int32")) for name in _COLUMNS}
+)
+_ENCODED_FEATURES = datasets.Features({**_PAIR_FEATURES, "drop_reason": datasets.Value("string")})
 
 
 def _encode_batch(
     batch: dict[str, list], tokenizer, max_length: int, max_prompt_length: int
 ) -> dict[str, list]:
     out = {column: [] for column in (*_COLUMNS, "drop_reason")}
-    for prompt, chosen, rejected in zip(
-        batch["prompt"], batch["chosen"], batch["rejected"], strict=True
-    ):
-        encoded, reason = _encode(
-            tokenizer, _text(prompt), _text(chosen), _text(rejected), max_length, max_prompt_length
-        )
+    memo = {}
+    rows = zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True)
+    for prompt, chosen, rejected in rows:
+        texts = _text(prompt), _text(chosen), _text(rejected)
+        encoded, reason = _encode(tokenizer, *texts, max_length, max_prompt_length, memo)
         for column in _COLUMNS:
             out[column].append(encoded[column] if encoded else [])
         out["drop_reason"].append(reason or "")
@@ -708,18 +742,17 @@ def tokenize_objective(
     *,
     max_prompt_length: int | None = None,
     cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """The encoded pairs of one objective as a Dataset, tokenised once and cached on disk."""
     max_prompt_length = _check_lengths(max_length, max_prompt_length)
     if isinstance(pairs, datasets.Dataset):
         source = pairs.select_columns(["prompt", "chosen", "rejected"])
     else:
-        source = datasets.Dataset.from_list(
-            [
-                {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                for p in pairs
-            ]
-        )
+        columns = {name: [p[name] for p in pairs] for name in ("prompt", "chosen", "rejected")}
+        source = datasets.Dataset.from_dict(columns, features=_TEXT_FEATURES)
+    if len(source) == 0:
+        return datasets.Dataset.from_dict({name: [] for name in _COLUMNS}, features=_PAIR_FEATURES)
 
     fingerprint = Hasher.hash(
         [
@@ -743,9 +776,11 @@ def tokenize_objective(
             "max_prompt_length": max_prompt_length,
         },
         remove_columns=source.column_names,
+        features=_ENCODED_FEATURES,
         new_fingerprint=fingerprint,
         cache_file_name=str(folder / f"pairs-{fingerprint}.arrow"),
         load_from_cache_file=True,
+        num_proc=num_proc,
         desc="tokenising pairs",
     )
 

@@ -462,6 +462,28 @@ def test_encode_pair_chat_template(chat_tokenizer):
     assert tok.decode(enc["rejected_labels"][n_prompt:-1]).strip() == rejected
 
 
+def test_encode_pair_chat_truncation_keeps_template_text(chat_tokenizer):
+    tok = chat_tokenizer
+    prompt = " ".join(f"word{i}" for i in range(40))
+    full = encode_pair(tok, prompt, "yes it is", "no", max_length=10_000)
+    n_prompt = _prompt_length(full["chosen_labels"])
+    head = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    tail = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    response = full["chosen_input_ids"][n_prompt:]
+
+    enc = encode_pair(tok, prompt, "yes it is", "no", max_length=48, max_prompt_length=24)
+
+    # Only the prompt's text is cut: BOS, the user header and the generation prompt stay.
+    ids, bos = enc["chosen_input_ids"], tok.bos_token_id
+    n_kept = 48 - len(response)
+    assert len(ids) == 48 and ids[n_kept:] == response
+    assert _check_rows(enc, bos, tok.convert_tokens_to_ids("<|im_end|>")) == n_kept
+    assert ids[: 1 + len(head)] == [bos] + head and ids[n_kept - len(tail) : n_kept] == tail
+    text = ids[1 + len(head) : n_kept - len(tail)]
+    full_text = full["chosen_input_ids"][1 + len(head) : n_prompt - len(tail)]
+    assert 0 < len(text) < len(full_text) and text == full_text[-len(text) :]
+
+
 def test_encode_pair_drops_and_counts(plain_tokenizer):
     tok, stats = plain_tokenizer, Counter()
 
@@ -532,6 +554,12 @@ def test_tokenize_objective_caches_and_filters(plain_tokenizer, tmp_path, monkey
     assert again.to_list() == dataset.to_list() and again_stats == stats
     with pytest.raises(AssertionError, match="tokenised again"):
         tokenize_objective(tok, pairs, 65, cache_dir=tmp_path)
+
+    monkeypatch.undo()
+    shards = tokenize_objective(tok, pairs, 64, cache_dir=tmp_path / "shards", num_proc=2)
+    assert shards.to_list() == dataset.to_list()
+    empty = tokenize_objective(tok, [], 64, cache_dir=tmp_path)
+    assert len(empty) == 0 and set(empty.column_names) == set(data._COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
