@@ -593,12 +593,18 @@ def _plain_layout(tokenizer) -> _Layout:
 
 def _layout(tokenizer) -> _Layout:
     template = getattr(tokenizer, "chat_template", None)
-    cached = _LAYOUTS.get(tokenizer)
+    try:
+        cached = _LAYOUTS.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced is simply not cached
+        cached = None
     if cached is not None and cached[0] == template:
         return cached[1]
 
     layout = _chat_layout(tokenizer) if template else _plain_layout(tokenizer)
-    _LAYOUTS[tokenizer] = (template, layout)
+    try:
+        _LAYOUTS[tokenizer] = (template, layout)
+    except TypeError:
+        pass
     return layout
 
 
@@ -763,8 +769,8 @@ def tokenize_objective(
             max_prompt_length,
         ]
     )
-    folder = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
-    folder = folder / "mofast" if cache_dir is None else folder
+    default_folder = Path(datasets.config.HF_DATASETS_CACHE) / "mofast"
+    folder = Path(cache_dir) if cache_dir is not None else default_folder
     folder.mkdir(parents=True, exist_ok=True)
 
     encoded = source.map(
