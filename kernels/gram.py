@@ -10,9 +10,10 @@ Device paths, both behind the one op name `mofast::gram`:
     CPU   native C++ (kernels/csrc/gram.cpp): OpenMP over blocks of P, fp32 products per
           block, float64 accumulation across blocks.
     CUDA  the Triton kernels below: a persistent pass in which each program walks groups
-          of tiles, forms each tile's products with one tl.dot (fp32 accumulation) and adds
-          each group into a float64 partial; then a deterministic float64 sum of the
-          partials. No atomics, no host synchronisation.
+          of tiles, forms each tile's products in fp32 (one tl.dot of the tile with its
+          transpose, on the tensor cores for bf16/fp16; a broadcast product for fp32 with
+          k <= 8) and adds each group into a float64 partial; then a deterministic float64
+          sum of the partials. No atomics, no host synchronisation.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ MAX_K = 64
 # added to the float64 partial, so this bounds the length of any fp32 sum.
 _GROUP_ELEMS = 8192
 
-# Elements of one [K_PAD, BLOCK] tile held in registers.
-_TILE_ELEMS = 4096
+# (BLOCK, num_warps) of the [K_PAD, BLOCK] tile, per product path and K_PAD: the largest
+# tiles that compiled for sm_90 without spilling registers (cuobjdump -res-usage).
+_TILES_MMA = {16: (256, 4), 32: (128, 4), 64: (64, 8)}  # bf16/fp16 on the tensor cores
+_TILES_FMA = {16: (256, 4), 32: (32, 8), 64: (32, 8)}  # fp32 tl.dot, IEEE precision
+_TILES_BROADCAST = {1: (1024, 4), 2: (1024, 4), 4: (512, 4), 8: (512, 8)}  # fp32, k <= 8
 
 # Rows of partials summed per step of the reduction.
 _REDUCE_ROWS = 64
@@ -58,6 +62,7 @@ def _gram_partial_kernel(
     K_PAD: tl.constexpr,
     BLOCK: tl.constexpr,
     TILES: tl.constexpr,
+    DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -77,7 +82,12 @@ def _gram_partial_kernel(
             offs = group_start + t * BLOCK + cols  # [BLOCK]
             mask = row_mask[:, None] & (offs < P)[None, :]
             tile = tl.load(row_ptrs + offs[None, :], mask=mask, other=0.0)  # [K_PAD, BLOCK]
-            if UPCAST:
+            if not DOT:
+                # Small k in fp32/fp64: tl.dot would pad k to 16 and spend 16^2 FMAs per
+                # column on the CUDA cores; the broadcast product spends K_PAD^2.
+                x = tile.to(tl.float32)
+                acc += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
+            elif UPCAST:
                 tile = tile.to(tl.float32)
                 acc = tl.dot(tile, tl.trans(tile), acc, input_precision="ieee")
             else:
@@ -196,14 +206,15 @@ def _gram_triton(
             f"gram: the Triton kernel supports k <= {MAX_K} gradient rows, got k = {k}"
         )
 
-    k_pad = max(16, triton.next_power_of_2(k))
-    block = _TILE_ELEMS // k_pad
-    tiles = _GROUP_ELEMS // block
-    num_warps = 8 if k_pad >= 64 else 4
+    # One K_PAD for every shard, since their partials are summed together: the broadcast
+    # product when no shard can use the tensor cores and k is small, tl.dot otherwise.
+    tensor_cores = any(shard.dtype in (torch.float16, torch.bfloat16) for shard in shards)
+    use_dot = tensor_cores or k > 8
+    k_pad = max(16, triton.next_power_of_2(k)) if use_dot else triton.next_power_of_2(k)
 
     launches = []
     for shard in shards:
-        num_groups = triton.cdiv(shard.shape[1], block * tiles)
+        num_groups = triton.cdiv(shard.shape[1], _GROUP_ELEMS)
         programs = _num_programs(device, num_groups)
         if max_programs is not None:
             programs = min(programs, max_programs)
@@ -220,6 +231,12 @@ def _gram_triton(
 
     offset = 0
     for shard, num_groups, programs in launches:
+        if not use_dot:
+            block, num_warps = _TILES_BROADCAST[k_pad]
+        elif shard.dtype in (torch.float16, torch.bfloat16):
+            block, num_warps = _TILES_MMA[k_pad]
+        else:
+            block, num_warps = _TILES_FMA[k_pad]
         _gram_partial_kernel[(programs,)](
             x_ptr=shard,
             partial_ptr=partial[offset:],
@@ -229,7 +246,8 @@ def _gram_triton(
             stride_row=shard.stride(0),
             K_PAD=k_pad,
             BLOCK=block,
-            TILES=tiles,
+            TILES=_GROUP_ELEMS // block,
+            DOT=use_dot,
             UPCAST=_needs_upcast(shard.dtype),
             num_warps=num_warps,
         )
