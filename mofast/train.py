@@ -1,0 +1,68 @@
+"""`mofast train`: multi-objective DPO training.
+
+With no arguments it trains mgda-decoupled on the embedded default (the shipped real
+UltraFeedback pairs as two objectives and the shipped stories260K model; configs/default.yaml).
+`--config FILE.yaml` (or the name of a shipped config) replaces that base; every field of
+the config also has its own flag, applied last. `--resume RUN_DIR` continues a run from its
+latest checkpoint with the configuration saved in the run folder.
+"""
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from mofast.config import add_field_arguments, from_dict, load_yaml, overrides_from_args
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "default"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config file, or the name of a shipped config "
+        f"(default: {DEFAULT_CONFIG}, the embedded real run)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint",
+    )
+    add_field_arguments(parser)
+
+
+def _new_run_dir(combinator: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{stamp}-{combinator}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path("runs") / f"{stamp}-{combinator}-{suffix}"
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from mofast.trainer import Trainer
+
+    overrides = overrides_from_args(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config:
+            raise SystemExit("--resume takes the run's own config.yaml; do not pass --config")
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"{run_dir} is not a mofast run folder (no config.yaml)")
+        config = from_dict(overrides, load_yaml(run_dir / "config.yaml"))
+        if config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
+            raise SystemExit(f"--output-dir {config.output_dir} differs from --resume {run_dir}")
+    else:
+        config = from_dict(overrides, load_yaml(args.config or DEFAULT_CONFIG))
+        run_dir = Path(config.output_dir) if config.output_dir else _new_run_dir(config.combinator)
+
+    config = from_dict({"output_dir": str(run_dir)}, config)
+    logger.info("run folder %s", run_dir)
+    Trainer(config, run_dir, resume=bool(args.resume)).fit()
+    logger.info("done: metrics, plots and the final model are in %s", run_dir)
+    return 0

@@ -1,0 +1,820 @@
+"""The multi-objective DPO training loop (SPEC sections 1, 2, 4 and 5).
+
+One optimiser step:
+  1. for each objective i, every micro-batch of its window runs forward and backward with
+     the parameters' `.grad` pointing at views of row i of one [k, P] gradient buffer, so
+     autograd accumulates objective i's gradient in place (the window's loss is the mean
+     over all its pairs: each micro-batch's summed loss is scaled by 1 / pairs in window);
+  2. G = gram(buffer), c = combinator.weights(losses, G), combine(buffer, c, out=flat)
+     where `flat` is the parameters' own flat gradient;
+  3. fused AdamW steps, skipping the update on the device when a loss, a gradient or a
+     coefficient is not finite (its `found_inf` input), and the schedule advances.
+Nothing in a step reads a device value on the host: per-step losses, coefficients and Gram
+matrices stay on the device and are flushed to metrics.jsonl every `log_every` steps.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mofast import checkpoint, dpo
+from mofast.config import TrainConfig, dump_yaml
+
+logger = logging.getLogger(__name__)
+
+_GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision and kernel selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """How the model runs: its dtype, attention implementation and whether Liger patches it."""
+
+    device: str
+    dtype: torch.dtype
+    attn_implementation: str
+    liger: bool
+
+
+def select_backend(
+    device_type: str,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    liger: str = "auto",
+    model_type: str | None = None,
+    attn_softcap: bool = False,
+    flash_attn_installed: bool = False,
+    liger_model_types: frozenset[str] = frozenset(),
+) -> Backend:
+    """The backend for a device (a pure function of its arguments).
+
+    CUDA: bfloat16, Flash Attention 2 when installed (else SDPA), Liger-Kernel's layer
+    kernels (RMS norm, RoPE, SwiGLU; never its loss, which our fused log-prob replaces) when
+    it patches `model_type`. Elsewhere: float32 and SDPA, no Liger (its kernels are
+    Triton-only). A model that soft-caps its attention logits (Gemma-2) gets Flash Attention
+    (which soft-caps) or eager attention, never SDPA. An explicit request that cannot be met
+    raises ValueError naming the reason.
+    """
+    cuda = device_type == "cuda"
+
+    if dtype == "auto":
+        chosen_dtype = torch.bfloat16 if cuda else torch.float32
+    elif dtype in _MODEL_DTYPES:
+        chosen_dtype = _MODEL_DTYPES[dtype]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {list(_MODEL_DTYPES)}")
+
+    if attn_implementation == "auto":
+        if cuda and flash_attn_installed:
+            attn = "flash_attention_2"
+        else:
+            attn = "eager" if attn_softcap else "sdpa"
+    elif attn_implementation == "flash_attention_2":
+        if not cuda:
+            raise ValueError("flash_attention_2 needs a CUDA device")
+        if not flash_attn_installed:
+            raise ValueError("flash_attention_2 requested but flash-attn is not installed")
+        attn = attn_implementation
+    elif attn_implementation == "sdpa" and attn_softcap:
+        raise ValueError("SDPA cannot soft-cap attention logits, which this model needs")
+    elif attn_implementation in ("sdpa", "eager"):
+        attn = attn_implementation
+    else:
+        raise ValueError(f"unknown attention implementation {attn_implementation!r}")
+
+    supported = model_type in liger_model_types
+    if liger == "auto":
+        use_liger = cuda and supported
+    elif liger == "on":
+        if not cuda:
+            raise ValueError("Liger-Kernel's kernels need a CUDA device")
+        if not supported:
+            raise ValueError(f"Liger-Kernel does not patch model type {model_type!r}")
+        use_liger = True
+    elif liger == "off":
+        use_liger = False
+    else:
+        raise ValueError(f"liger must be auto, on or off, got {liger!r}")
+
+    return Backend(device_type, chosen_dtype, dpo.causal_attention(attn), use_liger)
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _liger_model_types() -> frozenset[str]:
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return frozenset()
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+
+def model_location(source: str | None) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) of a model given as in the config."""
+    if source is None:
+        from mofast.assets import STORIES260K
+
+        return str(STORIES260K), {}
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {source}")
+        return str(path.parent), {"gguf_file": path.name}
+    return source, {}
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    location, kwargs = model_location(config.tokenizer or config.model)
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def load_model(config: TrainConfig, device: torch.device):
+    """The policy model on `device` with the selected backend; returns (model, backend)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dpo.register_causal_attention()
+    location, kwargs = model_location(config.model)
+    model_config = AutoConfig.from_pretrained(location, **kwargs)
+    backend = select_backend(
+        device.type,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
+        liger=config.liger,
+        model_type=model_config.model_type,
+        attn_softcap=getattr(model_config, "attn_logit_softcapping", None) is not None,
+        flash_attn_installed=_flash_attn_installed(),
+        liger_model_types=_liger_model_types() if device.type == "cuda" else frozenset(),
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=backend.dtype, attn_implementation=backend.attn_implementation, **kwargs
+    )
+    model.to(device)
+    if backend.liger:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=model,
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+        )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _disable_dropout(model)
+    return model, backend
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    # As TRL does for DPO: with dropout the policy at step 0 would not equal the reference.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's class, configuration and every weight's bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(type(model).__name__.encode())
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_final_model(model, tokenizer, out_dir: Path) -> None:
+    """Hugging Face format (safetensors) with the tokenizer.
+
+    transformers cannot save a model loaded from GGUF directly; its weights are copied into a
+    freshly built model of the same configuration first (done for every model: it is cheap
+    next to training and keeps one code path).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    for attribute in ("_attn_implementation", "_attn_implementation_internal"):
+        if hasattr(config, attribute):
+            setattr(config, attribute, None)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-objective gradient buffers
+
+
+class GradientBuffers:
+    """One [k, P] buffer of per-objective flat gradients plus the parameters' flat gradient.
+
+    While objective i runs its backward passes, each parameter's `.grad` is a view of row i
+    (same dtype as the parameters), and autograd accumulates into it in place. When the
+    buffer's dtype differs from the parameters', `.grad` cannot be such a view; then a
+    post-accumulate-grad hook adds each parameter's fresh gradient into row i (converting
+    the dtype) and frees it, which costs one temporary gradient per parameter.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], k: int, dtype: torch.dtype):
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise ValueError(f"parameters must share one dtype and device, got {dtypes} {devices}")
+
+        self.params = params
+        self.k = k
+        self.numel = sum(p.numel() for p in params)
+        device, param_dtype = params[0].device, params[0].dtype
+        self.rows = torch.zeros(k, self.numel, dtype=dtype, device=device)
+        self.flat = torch.zeros(self.numel, dtype=param_dtype, device=device)
+
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+        self._row_views = [
+            [self.rows[i, a:b].view_as(p) for p, (a, b) in zip(params, spans, strict=True)]
+            for i in range(k)
+        ]
+        self._flat_views = [
+            self.flat[a:b].view_as(p) for p, (a, b) in zip(params, spans, strict=True)
+        ]
+
+        self.uses_hooks = dtype != param_dtype
+        self._active: int | None = None
+        self._hooks = []
+        if self.uses_hooks:
+            for index, p in enumerate(params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(index)))
+
+    def _hook(self, index: int):
+        def accumulate(param: torch.Tensor) -> None:
+            if self._active is None:
+                raise RuntimeError("a backward pass ran outside GradientBuffers.accumulate_into")
+            self._row_views[self._active][index].add_(param.grad)
+            param.grad = None
+
+        return accumulate
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.flat.nbytes
+
+    def zero_(self) -> None:
+        self.rows.zero_()
+
+    def accumulate_into(self, i: int) -> None:
+        """Route the next backward passes' gradients into row i."""
+        self._active = i
+        for p, view in zip(self.params, self._row_views[i], strict=True):
+            p.grad = None if self.uses_hooks else view
+
+    def point_at_flat(self) -> None:
+        """Make every `.grad` a view of the flat gradient the optimiser reads."""
+        self._active = None
+        for p, view in zip(self.params, self._flat_views, strict=True):
+            p.grad = view
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """Chosen rows then rejected rows of `pairs` pairs, right-padded, on the device."""
+
+    input_ids: torch.Tensor  # [2 * pairs, T]
+    labels: torch.Tensor  # [2 * pairs, T]
+    reference: torch.Tensor | None  # [2 * pairs] precomputed reference log-probs, or None
+    pairs: int
+    tokens: int  # non-padding tokens (counted on the host)
+
+
+def build_objectives(config: TrainConfig, tokenizer) -> tuple[dict, dict[str, Counter]]:
+    """{objective: tokenised datasets.Dataset} and {objective: Counter of dropped pairs}."""
+    from mofast import data
+
+    stats: dict[str, Counter] = {}
+    if config.data_mode == "pairs":
+        if config.objectives is None:
+            pairs = data.default_objectives(stats)
+        else:
+            pairs = {
+                name: data.load_preferences(source, stats.setdefault(name, Counter()))
+                for name, source in config.objectives.items()
+            }
+    else:
+        mode = "aspects" if config.data_mode == "ultrafeedback" else "cdpo"
+        records = data.load_rows(config.dataset)
+        everything = data.ultrafeedback_objectives(records, stats, mode=mode)
+        pairs, _ = data.split_objectives(
+            everything, test_fraction=config.test_fraction, seed=config.split_seed
+        )
+
+    if config.max_pairs is not None:
+        pairs = {name: rows[: config.max_pairs] for name, rows in pairs.items()}
+    cache = Path(config.cache_dir) / "pairs" if config.cache_dir else None
+    encoded = {
+        name: data.tokenize_objective(
+            tokenizer,
+            rows,
+            max_length=config.max_length,
+            stats=stats.setdefault(name, Counter()),
+            cache_dir=cache,
+        )
+        for name, rows in pairs.items()
+    }
+    empty = [name for name, dataset in encoded.items() if len(dataset) == 0]
+    if empty:
+        raise ValueError(f"objectives with no pair left to train on: {', '.join(empty)}")
+    return encoded, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Multi-objective DPO on one device; `fit()` runs to the end and writes the run folder."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False):
+        from mofast import data
+        from mofast.combinators import make_combinator
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+
+        self.device = resolve_device(config.device)
+        self.tokenizer = load_tokenizer(config)
+        self.model, self.backend = load_model(config, self.device)
+        logger.info(
+            "model %s on %s: %s, attention %s, liger %s, %.1fM parameters",
+            config.model or "stories260K (shipped)",
+            self.device,
+            self.backend.dtype,
+            self.backend.attn_implementation,
+            self.backend.liger,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+        )
+
+        self.datasets, self.drop_counts = build_objectives(config, self.tokenizer)
+        self.names = list(self.datasets)
+        self.k = len(self.names)
+        for name in self.names:
+            dropped = dict(self.drop_counts.get(name, {}))
+            logger.info(
+                "objective %s: %d pairs kept, dropped %d %s",
+                name,
+                len(self.datasets[name]),
+                sum(dropped.values()),
+                dropped or "",
+            )
+
+        self.collator = data.PairCollator.for_tokenizer(self.tokenizer)
+        self.sampler = data.MultiObjectiveSampler(
+            {name: len(ds) for name, ds in self.datasets.items()},
+            micro_batch=config.micro_batch,
+            grad_accum=config.grad_accum,
+            seed=config.seed,
+        )
+        epochs_steps = config.epochs * self.sampler.steps_per_epoch
+        self.total_steps = min(epochs_steps, config.max_steps or epochs_steps)
+
+        self.reference_forwards = 0
+        self.reference_model = None
+        self.reference_table: dict[str, torch.Tensor] = {}
+        if config.reference == "online":
+            self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        else:
+            self._load_or_compute_reference()
+
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.buffers = GradientBuffers(params, self.k, _GRAD_DTYPES[config.grad_dtype])
+        logger.info(
+            "gradient buffers: %d objectives x %d parameters in %s = %.1f MiB "
+            "(+ %.1f MiB flat gradient)%s",
+            self.k,
+            self.buffers.numel,
+            config.grad_dtype,
+            self.buffers.rows.nbytes / 2**20,
+            self.buffers.flat.nbytes / 2**20,
+            "; accumulated by post-accumulate-grad hooks (dtype differs from the weights')"
+            if self.buffers.uses_hooks
+            else "; .grad are views of the rows (no copy)",
+        )
+        self.buffers.point_at_flat()
+
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.lr,
+            betas=(0.9, 0.999),
+            weight_decay=0.0,
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.combinator = make_combinator(
+            config.combinator,
+            k=self.k,
+            eta=config.eta,
+            max_iters=config.solver_max_iters,
+            tol=config.solver_tol,
+            method=config.solver_method,
+            eps=config.eps,
+        )
+
+        self.step = 0
+        self.skipped_total = 0
+        self._pending: list[tuple[int, int, float, torch.Tensor]] = []
+        self._interval_start = time.perf_counter()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            self._resume()
+        else:
+            self.metrics_path.write_text("")
+        dump_yaml(config, self.run_dir / "config.yaml")
+
+        self._writer = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
+
+    # -- reference log-probabilities ------------------------------------------------------------
+
+    def _reference_cache_file(self, name: str, model_hash: str) -> Path:
+        dataset = self.datasets[name]
+        key = hashlib.blake2b(
+            json.dumps(
+                [model_hash, dataset._fingerprint, len(dataset), self.backend.dtype.__repr__()]
+            ).encode(),
+            digest_size=16,
+        ).hexdigest()
+        root = Path(self.config.cache_dir) if self.config.cache_dir else _default_cache()
+        return root / "reference" / f"{key}.pt"
+
+    def _load_or_compute_reference(self) -> None:
+        model_hash = weights_fingerprint(self.model)
+        self.model.eval()
+        for name, dataset in self.datasets.items():
+            path = self._reference_cache_file(name, model_hash)
+            if path.is_file():
+                table = torch.load(path, map_location="cpu", weights_only=True)
+                logger.info("objective %s: reference log-probs from cache %s", name, path)
+            else:
+                table = self._compute_reference(dataset)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                torch.save(table, tmp)
+                os.replace(tmp, path)
+                logger.info("objective %s: reference log-probs cached in %s", name, path)
+            if tuple(table.shape) != (len(dataset), 2):
+                raise ValueError(f"reference cache {path} has shape {tuple(table.shape)}")
+            self.reference_table[name] = table.to(self.device)
+
+    @torch.no_grad()
+    def _compute_reference(self, dataset) -> torch.Tensor:
+        """[pairs, 2] float32 (chosen, rejected) reference log-probs of every pair."""
+        rows = []
+        size = 2 * self.config.micro_batch
+        for start in range(0, len(dataset), size):
+            batch = self._collate(dataset[start : start + size], None)
+            logps = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+            self.reference_forwards += 1
+            rows.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
+        return torch.cat(rows)
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    def _collate(self, columns: dict, reference: torch.Tensor | None) -> MicroBatch:
+        batch = self.collator(columns)
+        ids, labels, mask = dpo.to_right_padding(
+            batch["input_ids"], batch["labels"], batch["attention_mask"]
+        )
+        pairs = ids.shape[0] // 2
+        if reference is not None:
+            # [pairs, 2] -> chosen rows then rejected rows, like the batch.
+            reference = reference.t().reshape(-1)
+        return MicroBatch(
+            input_ids=ids.to(self.device, non_blocking=True),
+            labels=labels.to(self.device, non_blocking=True),
+            reference=reference,
+            pairs=pairs,
+            tokens=int(mask.sum()),
+        )
+
+    def prepare(self, window: dict[str, list[list[int]]]) -> list[list[MicroBatch]]:
+        """The micro-batches of one optimiser step, per objective (host work, then copies)."""
+        batches = []
+        for name in self.names:
+            micro = []
+            for indices in window[name]:
+                reference = None
+                if self.reference_table:
+                    index = torch.tensor(indices, dtype=torch.long).to(self.device)
+                    reference = self.reference_table[name].index_select(0, index)
+                micro.append(self._collate(self.datasets[name][indices], reference))
+            batches.append(micro)
+        return batches
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _pair_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        policy = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+        if batch.reference is not None:
+            return policy, batch.reference
+        with torch.no_grad():
+            reference = dpo.sequence_logps(self.reference_model, batch.input_ids, batch.labels)
+        self.reference_forwards += 1
+        return policy, reference
+
+    def accumulate_gradients(self, batches: list[list[MicroBatch]]) -> torch.Tensor:
+        """Fill buffer row i with objective i's window gradient; returns [k, 3] float32
+        (window loss, mean margin, reward accuracy) per objective, on the device."""
+        self.buffers.zero_()
+        stats = []
+        for i, micro_batches in enumerate(batches):
+            self.buffers.accumulate_into(i)
+            window_pairs = sum(mb.pairs for mb in micro_batches)
+            totals = torch.zeros(3, dtype=torch.float32, device=self.device)
+
+            for mb in micro_batches:
+                policy, reference = self._pair_logps(mb)
+                b = mb.pairs
+                losses, margins = dpo.dpo_losses(
+                    policy[:b], policy[b:], reference[:b], reference[b:], self.config.beta
+                )
+                (losses.sum() / window_pairs).backward()
+                with torch.no_grad():
+                    totals += torch.stack(
+                        [losses.sum(), margins.sum(), (margins > 0).float().sum()]
+                    )
+            stats.append(totals / window_pairs)
+        self.buffers.point_at_flat()
+        return torch.stack(stats)
+
+    def apply_update(self, losses: torch.Tensor) -> torch.Tensor:
+        """gram -> combinator -> combine -> AdamW (skipped on the device when not finite).
+
+        Returns the step's record: float32 [k + k + k*k + 1] = losses, coefficients, Gram,
+        skipped flag.
+        """
+        # The op modules, not the package: once a module such as mofast.kernels.gram is
+        # imported, the package attribute `gram` is that module rather than the function.
+        from mofast.kernels.combine import combine
+        from mofast.kernels.gram import gram
+
+        rows = self.buffers.rows
+        G = gram(rows)
+        c = self.combinator.weights(losses, G)
+        combine(rows, c, out=self.buffers.flat)
+
+        finite = torch.isfinite(torch.cat([losses.float(), G.diagonal().float(), c.float()]))
+        skipped = (~finite.all()).float()
+        self.optimizer.found_inf = skipped
+        self.optimizer.step()
+        self.scheduler.step()
+        return torch.cat([losses.float(), c.float(), G.float().flatten(), skipped[None]])
+
+    def train_step(self, batches: list[list[MicroBatch]]) -> torch.Tensor:
+        """One optimiser step; returns the device-side record (see `_decode`)."""
+        stats = self.accumulate_gradients(batches)
+        record = self.apply_update(stats[:, 0])
+        return torch.cat([record, stats[:, 1:].flatten()])
+
+    def _decode(self, row: list[float]) -> dict:
+        k = self.k
+        losses, weights = row[:k], row[k : 2 * k]
+        gram = [row[2 * k + i * k : 2 * k + (i + 1) * k] for i in range(k)]
+        skipped = row[2 * k + k * k] > 0
+        extra = row[2 * k + k * k + 1 :]
+        norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(k)]
+        cosines = [
+            [
+                gram[i][j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+                for j in range(k)
+            ]
+            for i in range(k)
+        ]
+        return {
+            "losses": dict(zip(self.names, losses, strict=True)),
+            "weights": dict(zip(self.names, weights, strict=True)),
+            "skipped": skipped,
+            "grad_norms": dict(zip(self.names, norms, strict=True)),
+            "gram_cosines": cosines,
+            "margins": dict(zip(self.names, extra[0::2], strict=True)),
+            "accuracies": dict(zip(self.names, extra[1::2], strict=True)),
+        }
+
+    # -- metrics, checkpoints, the loop ---------------------------------------------------------
+
+    def flush_metrics(self) -> list[dict]:
+        """Bring the pending steps' records to the host (the one synchronisation) and log them."""
+        if not self._pending:
+            return []
+        rows = torch.stack([record for *_, record in self._pending]).cpu().tolist()
+        elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+        tokens_per_s = sum(tokens for _, tokens, _, _ in self._pending) / elapsed
+
+        written = []
+        with open(self.metrics_path, "a") as f:
+            for (step, tokens, lr, _), row in zip(self._pending, rows, strict=True):
+                entry = {"step": step, "lr": lr, "tokens": tokens, "tokens_per_s": tokens_per_s}
+                entry.update(self._decode(row))
+                self.skipped_total += int(entry["skipped"])
+                entry["skipped_total"] = self.skipped_total
+                f.write(json.dumps(entry) + "\n")
+                written.append(entry)
+                if entry["skipped"]:
+                    logger.warning(
+                        "step %d skipped: non-finite loss, gradient or coefficient "
+                        "(%d skipped so far)",
+                        step,
+                        self.skipped_total,
+                    )
+                self._log_tensorboard(entry)
+
+        self._pending = []
+        self._interval_start = time.perf_counter()
+        return written
+
+    def _log_tensorboard(self, entry: dict) -> None:
+        if self._writer is None:
+            return
+        step = entry["step"]
+        for group in ("losses", "weights", "grad_norms", "margins", "accuracies"):
+            for name, value in entry[group].items():
+                self._writer.add_scalar(f"{group}/{name}", value, step)
+        self._writer.add_scalar("train/lr", entry["lr"], step)
+        self._writer.add_scalar("train/tokens_per_s", entry["tokens_per_s"], step)
+        self._writer.add_scalar("train/skipped_total", entry["skipped_total"], step)
+
+    def save(self) -> Path:
+        self.flush_metrics()
+        state = {
+            "step": self.step,
+            "skipped_total": self.skipped_total,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "combinator": self.combinator.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "names": self.names,
+        }
+        return checkpoint.save_checkpoint(
+            self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints
+        )
+
+    def _resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir}")
+        state = checkpoint.load_checkpoint(path, self.model)
+        if state["names"] != self.names:
+            raise ValueError(f"checkpoint objectives {state['names']} differ from {self.names}")
+
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.combinator.load_state_dict(state["combinator"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.skipped_total = int(state["skipped_total"])
+
+        # Steps after the checkpoint were lost with the process; they will be redone.
+        kept = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= self.step:
+                    kept.append(line + "\n")
+        self.metrics_path.write_text("".join(kept))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def fit(self) -> Path:
+        """Train to `total_steps`, then write the plots and the final model; returns run_dir."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        config = self.config
+        logger.info(
+            "%s on %d objectives: %d steps (%d per epoch), %d pairs per objective and step "
+            "(%d micro-batches of %d), lr %g",
+            config.combinator,
+            self.k,
+            self.total_steps,
+            self.sampler.steps_per_epoch,
+            config.micro_batch * config.grad_accum,
+            config.grad_accum,
+            config.micro_batch,
+            config.lr,
+        )
+        start_step = self.step
+        started = time.perf_counter()
+        self._interval_start = started
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+
+        with logging_redirect_tqdm():
+            while self.step < self.total_steps:
+                for window in self.sampler:
+                    lr = self.scheduler.get_last_lr()[0]
+                    batches = self.prepare(window)
+                    record = self.train_step(batches)
+                    self.step += 1
+                    tokens = sum(mb.tokens for micro in batches for mb in micro)
+                    self._pending.append((self.step, tokens, lr, record))
+
+                    if self.step % config.log_every == 0 or self.step == self.total_steps:
+                        last = self.flush_metrics()[-1]
+                        bar.set_postfix(
+                            {n: f"{v:.4f}" for n, v in last["losses"].items()}, refresh=False
+                        )
+                    if config.save_every and self.step % config.save_every == 0:
+                        self.save()
+                    bar.update(1)
+                    if self.step >= self.total_steps:
+                        break
+            self.flush_metrics()
+        bar.close()
+
+        seconds = time.perf_counter() - started
+        done = self.step - start_step
+        logger.info(
+            "trained %d steps in %.1f s (%.2f s per step), %d skipped",
+            done,
+            seconds,
+            seconds / max(done, 1),
+            self.skipped_total,
+        )
+        self.finish()
+        return self.run_dir
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self.config.plots and self.metrics_path.stat().st_size:
+            from mofast.plots import plot_run
+
+            written = plot_run(self.metrics_path, self.run_dir / "plots")
+            logger.info("plots: %s", ", ".join(str(p) for p in written))
+        if self.config.save_model:
+            save_final_model(self.model, self.tokenizer, self.run_dir / "model")
+            logger.info("final model saved in %s", self.run_dir / "model")
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mofast"
