@@ -22,6 +22,10 @@ dataset, in one of three schemas:
   SPEC section 4 (`mofast.data.golden_response`), and by default only the test side of
   the seeded split by prompt is used;
 - {prompt, golden}.
+
+A trained run folder (`--model runs/NAME`) holds its final model at its top level or in
+`final/` or `model/`, and its resolved config (`config.yaml`) names the starting model,
+which is evaluated as REFERENCE (`model: null` means the shipped stories260K).
 """
 
 from __future__ import annotations
@@ -97,6 +101,17 @@ def _message_text(value) -> str | None:
     return None
 
 
+def _prompt_text(value) -> str | None:
+    """A prompt given as text, or as a chat (its last user turn)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        for message in reversed(value):
+            if message.get("role") == "user":
+                return str(message.get("content", ""))
+    return None
+
+
 def load_heldout(
     source: str | os.PathLike = DEFAULT_EVAL,
     *,
@@ -132,10 +147,15 @@ def load_heldout(
 
     prompts: list[HeldOutPrompt] = []
     seen: set[str] = set()
+    skipped = 0
     for index, record in enumerate(records):
         if "instruction" in record and "completions" in record:
-            golden = mofast_data.golden_response(record)
             prompt, schema = record["instruction"], "ultrafeedback"
+            try:
+                golden = mofast_data.golden_response(record)
+            except ValueError:
+                # No rated, non-empty completion: there is nothing to compare against.
+                golden = None
         elif "prompt" in record and "golden" in record:
             prompt, golden, schema = record["prompt"], _message_text(record["golden"]), "golden"
         elif "prompt" in record and "chosen" in record:
@@ -145,10 +165,11 @@ def load_heldout(
                 f"{source}: record {index} has keys {sorted(record)}; expected {{prompt, "
                 "golden}, {prompt, chosen, rejected} or UltraFeedback's {instruction, completions}"
             )
-        prompt = _message_text(prompt) if not isinstance(prompt, str) else prompt
-        if not isinstance(prompt, str) or not isinstance(golden, str):
-            raise ValueError(f"{source}: record {index} has no text prompt or golden response")
+        prompt = _prompt_text(prompt)
         schemas.add(schema)
+        if not prompt or not prompt.strip() or not golden or not golden.strip():
+            skipped += 1
+            continue
         pid = text_hash(prompt)
         if pid in seen:
             continue
@@ -156,6 +177,8 @@ def load_heldout(
         prompts.append(HeldOutPrompt(pid, prompt, golden))
         if limit is not None and len(prompts) >= limit:
             break
+    if not prompts:
+        raise ValueError(f"held-out data {source}: no record has a prompt and a golden response")
 
     notes = {
         "chosen": "golden = the `chosen` response of each pair (the best one available)",
@@ -168,6 +191,7 @@ def load_heldout(
         "golden": "; ".join(notes[s] for s in sorted(schemas)),
         "part": part if "ultrafeedback" in schemas else "all",
         "prompts": len(prompts),
+        "skipped_without_prompt_or_golden": skipped,
     }
     return prompts, note
 
@@ -196,24 +220,31 @@ class ModelEntry:
     run_dir: str | None = None
 
 
+# Sub-folders where a run folder may keep its final model, in the order they are tried.
+FINAL_MODEL_DIRS = ("final", "model")
+
+
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
     """(model folder or hub id, the run folder it came from or None).
 
-    A trained run folder holds its final model at the top level or in `final/`: whichever
-    has a config.json.
+    A trained run folder holds its final model in Hugging Face format at its top level or
+    in one of FINAL_MODEL_DIRS: whichever has a config.json (a sub-folder first).
     """
     path = Path(name_or_path)
     if not path.exists():
         return name_or_path, None
     if not path.is_dir():
         raise ValueError(f"model {path} is a file; give a model folder, a run folder or a hub id")
-    if (path / "final" / "config.json").is_file():
-        return str(path / "final"), str(path)
+    for sub in FINAL_MODEL_DIRS:
+        if (path / sub / "config.json").is_file():
+            return str(path / sub), str(path)
     if (path / "config.json").is_file():
         parent = path.parent
-        run_dir = str(parent) if path.name == "final" and _run_configs(parent) else None
-        return str(path), run_dir or (str(path) if _run_configs(path) else None)
-    raise ValueError(f"{path} holds no model: no config.json there or in {path / 'final'}")
+        if path.name in FINAL_MODEL_DIRS and _run_configs(parent):
+            return str(path), str(parent)
+        return str(path), str(path) if _run_configs(path) else None
+    tried = ", ".join(str(path / sub) for sub in FINAL_MODEL_DIRS)
+    raise ValueError(f"{path} holds no model: no config.json there or in {tried}")
 
 
 def _run_configs(run_dir: Path) -> list[Path]:
@@ -414,15 +445,19 @@ def render_prompt(tokenizer, prompt: str, budget: int | None) -> tuple[list[int]
     A prompt over `budget` tokens is cut from the left, inside the template, so the
     template's own tokens survive.
     """
+    from mofast.data import PLAIN_SEPARATOR
 
     def render(text: str) -> list[int]:
+        # As the trainer renders a prompt (mofast.data): stripped, in the chat template, or
+        # else BOS + prompt + PLAIN_SEPARATOR, where the response starts.
+        text = text.strip()
         if tokenizer.chat_template:
             chat = [{"role": "user", "content": text}]
             rendered = tokenizer.apply_chat_template(
                 chat, add_generation_prompt=True, tokenize=False
             )
             return tokenizer(rendered, add_special_tokens=False).input_ids
-        return tokenizer(text).input_ids
+        return tokenizer(text + PLAIN_SEPARATOR, split_special_tokens=True).input_ids
 
     ids = render(prompt)
     if budget is None or len(ids) <= budget:
@@ -541,7 +576,9 @@ def _generate_vllm(path: str, prompts: list[HeldOutPrompt], settings: Generation
     tokenizer = _load_tokenizer(path)
     _, dtype = _device_and_dtype(settings)
     llm = LLM(model=path, tokenizer=path, seed=settings.seed, dtype=str(dtype).split(".")[-1])
-    limit = llm.llm_engine.model_config.max_model_len
+    engine = llm.llm_engine
+    model_config = getattr(engine, "model_config", None) or engine.vllm_config.model_config
+    limit = model_config.max_model_len
     budget, new_cap = _budgets(limit, settings.max_new_tokens)
 
     for start in range(0, len(prompts), settings.batch_size):

@@ -323,9 +323,12 @@ def test_order_is_seeded_recorded_and_mapped_to_outcomes():
 def test_local_judge_scores_padded_rows_like_each_row_alone():
     from transformers import AutoModelForCausalLM
 
-    # A context above the model's 512 positions (RoPE extends) so nothing is cut here.
-    judge = judges.LocalJudge(STORIES260K, device="cpu", batch_size=3, max_length=2048)
-    prompts = judges.load_prompts()
+    judge = judges.LocalJudge(STORIES260K, device="cpu", batch_size=3)
+    # Short prompts of very different lengths: the padding is what is under test.
+    criteria = {q: f"judge {q}" for q in judges.QUESTIONS}
+    prompts = judges.JudgePrompts(
+        "Be fair.", "{criterion}\n{prompt}\n1: {first}\n2: {second}", criteria
+    )
     batch = [
         prompts.messages("overall", "Tell a story about a cat.", "The cat sat.", "A dog ran."),
         prompts.messages("honesty", "Why?", "Because the sky is big and blue today.", "No."),
@@ -377,13 +380,15 @@ def test_heldout_generic_and_ultrafeedback_records(tmp_path):
                         {"role": "assistant", "content": "B."},
                     ],
                 },
+                {"prompt": "c?", "golden": "  "},
                 {"prompt": "a?", "golden": "repeated prompt, dropped"},
             ]
         )
         + "\n"
     )
-    prompts, _ = evaluation.load_heldout(generic)
+    prompts, note = evaluation.load_heldout(generic)
     assert [(p.prompt, p.golden) for p in prompts] == [("a?", "A."), ("b?", "B.")]
+    assert note["skipped_without_prompt_or_golden"] == 1
 
     data = pytest.importorskip("mofast.data")
 
@@ -434,7 +439,16 @@ def test_run_folder_resolution(tmp_path):
     (nested / "final" / "config.json").write_text("{}")
     (nested / "config.yaml").write_text("model: null\n")
     assert evaluation.resolve_model(str(nested)) == (str(nested / "final"), str(nested))
+    assert evaluation.resolve_model(str(nested / "final")) == (str(nested / "final"), str(nested))
     assert evaluation.starting_model(nested) == str(STORIES260K)
+
+    trainer_layout = tmp_path / "trainer"
+    (trainer_layout / "model").mkdir(parents=True)
+    (trainer_layout / "model" / "config.json").write_text("{}")
+    (trainer_layout / "config.yaml").write_text("model: base/relative\n")
+    (trainer_layout / "base" / "relative").mkdir(parents=True)
+    assert evaluation.resolve_model(str(trainer_layout))[0] == str(trainer_layout / "model")
+    assert evaluation.starting_model(trainer_layout) == str(trainer_layout / "base" / "relative")
 
     plan = evaluation.plan_models([str(nested)])
     assert [m.label for m in plan] == ["REFERENCE", "nested"]
