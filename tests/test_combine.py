@@ -7,6 +7,9 @@ Errors are max |d - r| over the scale of the sum, max_p sum_i |c_i g_i[p]|.
 """
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -236,6 +239,47 @@ def test_native_op_checks_its_input():
         torch.ops.mofast.combine(torch.randn(3, 10), torch.rand(3), torch.empty(9))
     with pytest.raises(RuntimeError, match="column stride"):
         torch.ops.mofast.combine(torch.randn(30, 3).T, torch.rand(3), torch.empty(30))
+
+
+# Compiles the Triton kernel for an sm_90 GPU with the compiler and ptxas that ship in the
+# triton wheel, for every pair of gradient and output dtypes, so a kernel that the
+# interpreter runs but the GPU compiler rejects fails here too. A fresh interpreter is
+# needed because conftest has already made the kernel an interpreted function.
+_COMPILE_COMBINE = """
+import importlib, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+c = importlib.import_module("mofast.kernels.combine")
+
+pointers = ["*fp32", "*bf16", "*fp16", "*fp64"]
+for grads in pointers:
+    for out in pointers:
+        signature = {"grads_ptr": grads, "weights_ptr": "*fp32", "out_ptr": out, "k": "i32",
+                     "P": "i64", "stride_row": "i64"}
+        signature.update(
+            dict.fromkeys(["ROWS", "BLOCK", "ACC_DTYPE", "BF16_BY_BITS"], "constexpr")
+        )
+        constexprs = {"ROWS": c._MAX_ROWS, "BLOCK": c._BLOCK, "BF16_BY_BITS": False,
+                      "ACC_DTYPE": tl.float64 if grads == "*fp64" else tl.float32}
+        src = ASTSource(fn=c._combine_kernel, signature=signature, constexprs=constexprs)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The knob only silences a deprecation warning of Triton 3.9 about its own default.
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_COMBINE], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
 
 @requires_cuda

@@ -6,6 +6,9 @@ near-zero off-diagonal entries do not make the measure meaningless.
 """
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -253,3 +256,51 @@ def test_cuda_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert _rel_err(G, _ref([X, X[:, :999]])) <= 1e-6
+
+
+# Compiles every launch configuration of the Triton kernels for an sm_90 GPU with the
+# compiler and ptxas that ship in the triton wheel, so a kernel that the interpreter runs but
+# the GPU compiler rejects fails here too, without a GPU. A fresh interpreter is needed
+# because conftest has already made these kernels interpreted functions.
+_COMPILE_GRAM = """
+import importlib, os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+g = importlib.import_module("mofast.kernels.gram")
+
+def build(fn, signature, constexprs, num_warps):
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+sizes = {"k": "i32", "P": "i64", "num_groups": "i32", "stride_row": "i64"}
+for dtype, table, dot in [
+    ("*bf16", g._TILES_MMA, True),
+    ("*fp32", g._TILES_FMA, True),
+    ("*fp32", g._TILES_BROADCAST, False),
+]:
+    for k_pad, (block, num_warps) in table.items():
+        signature = {"x_ptr": dtype, "partial_ptr": "*fp64", **sizes}
+        signature.update(dict.fromkeys(["K_PAD", "BLOCK", "TILES", "DOT", "UPCAST"], "constexpr"))
+        constexprs = {"K_PAD": k_pad, "BLOCK": block, "TILES": g._GROUP_ELEMS // block,
+                      "DOT": dot, "UPCAST": dtype != "*bf16"}
+        build(g._gram_partial_kernel, signature, constexprs, num_warps)
+for k_pad in (1, 16, 64):
+    signature = {"partial_ptr": "*fp64", "out_ptr": "*fp32", "k": "i32", "num_partials": "i32",
+                 "K_PAD": "constexpr", "ROWS": "constexpr"}
+    build(g._gram_reduce_kernel, signature, {"K_PAD": k_pad, "ROWS": g._REDUCE_ROWS}, 4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The knob only silences a deprecation warning of Triton 3.9 about its own default.
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_GRAM], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
