@@ -182,11 +182,18 @@ def _needs_upcast(dtype: torch.dtype) -> bool:
     return True
 
 
-def _num_programs(device: torch.device, num_groups: int) -> int:
-    if device.type == "cuda":
-        # A few programs per SM keep loads in flight; more would only add partials.
-        return min(num_groups, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return num_groups
+def _programs_per_shard(device: torch.device, groups: list[int]) -> list[int]:
+    """Programs to launch for each shard, given how many groups of columns each has.
+
+    On a GPU a few programs per SM keep enough loads in flight; more would only add
+    partials. That budget is shared among the shards in proportion to their size, so many
+    shards do not multiply the partials. Elsewhere (the interpreter) one program per group.
+    """
+    if device.type != "cuda":
+        return list(groups)
+    budget = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    total = max(sum(groups), 1)
+    return [min(n, max(1, budget * n // total)) if n else 0 for n in groups]
 
 
 def _gram_triton(
@@ -212,10 +219,11 @@ def _gram_triton(
     use_dot = tensor_cores or k > 8
     k_pad = max(16, triton.next_power_of_2(k)) if use_dot else triton.next_power_of_2(k)
 
+    groups = [triton.cdiv(shard.shape[1], _GROUP_ELEMS) for shard in shards]
     launches = []
-    for shard in shards:
-        num_groups = triton.cdiv(shard.shape[1], _GROUP_ELEMS)
-        programs = _num_programs(device, num_groups)
+    for shard, num_groups, programs in zip(
+        shards, groups, _programs_per_shard(device, groups), strict=True
+    ):
         if max_programs is not None:
             programs = min(programs, max_programs)
         if programs > 0:
