@@ -205,6 +205,18 @@ def test_no_host_sync():
         _combine_triton(grads[:, :1_001], c, torch.empty(1_001))
 
 
+def test_gram_min_norm_combine_pipeline_without_host_sync():
+    from mofast.kernels import min_norm
+
+    grads = torch.randn(5, 10_007, dtype=torch.bfloat16)
+    out = _poisoned(10_007, torch.float32)
+    with forbid_host_sync():
+        c = min_norm(gram(grads), max_iters=20, tol=1e-8, method="frank-wolfe")
+        combine(grads, c, out=out)
+
+    assert _rel_err(out, _ref(grads, c)) <= FP32_FLOOR
+
+
 def test_opcheck():
     grads = torch.randn(3, 1_001)
     args = (grads, torch.rand(3), torch.empty(1_001))
