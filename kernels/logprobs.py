@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,16 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":
+        # Triton's interpreter multiplies bf16 operands as their raw 16-bit patterns; their
+        # products are exact in float32, so float32 operands give the same result.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_tile(
     # pointers
     hidden_ptr,  # [N, T, H]
@@ -113,7 +124,7 @@ def _logits_tile(
         # [BLOCK_K, BLOCK_V]
         w_mask = k_ok[:, None] & col_ok[None, :]
         w = tl.load(w_cols + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        acc = _dot(h, w, acc, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok).to(tl.float32)[None, :]
@@ -197,7 +208,7 @@ def _logprobs_fwd_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
 
-        hit = cols[None, :] == y[:, None]  # [BLOCK_M, BLOCK_V]
+        hit = (cols[None, :] == y[:, None]) & col_ok[None, :]  # [BLOCK_M, BLOCK_V]
         target += tl.sum(tl.where(hit, z, 0.0), axis=1)
         found += tl.sum(hit.to(tl.int32), axis=1)
 
@@ -271,11 +282,8 @@ def _logprobs_bwd_dlogits_kernel(
     d = tl.where(row_ok[:, None] & col_ok[None, :], d, 0.0)
 
     out = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm + (cols - v0)[None, :]
-    tl.store(
-        out,
-        d.to(dlogits_ptr.dtype.element_ty),
-        mask=(pos < tl.num_programs(0) * BLOCK_M)[:, None] & col_ok[None, :],
-    )
+    out_mask = (pos < slots)[:, None] & col_ok[None, :]
+    tl.store(out, d.to(dlogits_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -323,7 +331,7 @@ def _logprobs_bwd_dhidden_kernel(
         # [BLOCK_K, BLOCK_H]
         w_ptrs = weight_ptr + (v0 + ks[:, None]).to(tl.int64) * stride_wv + hs[None, :] * stride_wh
         w = tl.load(w_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = tl.dot(d, w.to(d.dtype), acc, input_precision=PRECISION)
+        acc = _dot(d, w.to(d.dtype), acc, PRECISION)
 
     tl.store(acc_ptrs, acc, mask=acc_mask)
 
@@ -383,7 +391,7 @@ def _logprobs_bwd_dweight_kernel(
             + hs[None, :] * stride_hh
         )
         h = tl.load(h_ptrs, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(d), h.to(d.dtype), acc, input_precision=PRECISION)
+        acc = _dot(tl.trans(d), h.to(d.dtype), acc, PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(d.to(tl.float32), axis=0)
 
@@ -412,6 +420,8 @@ def _check_tiling(tiling: Tiling) -> None:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16 and isinstance(_logprobs_fwd_kernel, InterpretedFunction):
+        return "upcast"
     # float32 products follow torch's own switch, so the kernel is as exact as a torch matmul.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
