@@ -528,6 +528,10 @@ class LocalJudge:
         self.answer_ids = [self.tokenizer.encode(v, add_special_tokens=False) for v in VERDICTS]
         if any(not ids for ids in self.answer_ids):
             raise ValueError(f"tokenizer of {self.name} encodes an answer to no tokens")
+        prefix = self.answer_ids[0][:-1]
+        last = [ids[-1] for ids in self.answer_ids]
+        same_prefix = all(ids[:-1] == prefix for ids in self.answer_ids)
+        self.shared_prefix = (prefix, last) if same_prefix and len(set(last)) == 3 else None
 
         limit = self._max_length or getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = int(limit) if limit else 4096
@@ -559,22 +563,15 @@ class LocalJudge:
         text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
         return tok(text).input_ids
 
-    def score(self, batch: Sequence[list[dict]]) -> tuple[list[list[float]], list[bool]]:
-        """Log-probability of each answer (in VERDICTS order) for each prompt of a batch."""
+    def _tail_logprobs(self, rows: list[list[int]], keep: int):
+        """Log-softmax of the last `keep` positions of left-padded rows: [rows, keep, vocab].
+
+        Left padding puts every row's end at the same column, so only `keep` logits per
+        row go through the vocabulary projection.
+        """
         import torch
 
-        self.load()
-        rows, truncated = [], []
-        for messages in batch:
-            ids = self.render(messages)
-            truncated.append(len(ids) > self.prompt_budget)
-            ids = ids[-self.prompt_budget :]
-            rows.extend(ids + answer for answer in self.answer_ids)
-
-        # Left padding puts every answer at the end of its row, so only the last
-        # `keep` logits are needed: the vocabulary projection stays small.
         width = max(len(r) for r in rows)
-        keep = max(len(a) for a in self.answer_ids) + 1
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
@@ -590,10 +587,36 @@ class LocalJudge:
                 position_ids=positions,
                 logits_to_keep=keep,
             ).logits[:, -keep:]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1)
 
-        # Kept logit j predicts the token at row position width - keep + j + 1, so an
-        # answer of n tokens is read from logits keep-1-n .. keep-2.
+    def score(self, batch: Sequence[list[dict]]) -> tuple[list[list[float]], list[bool]]:
+        """Log-probability of each answer (in VERDICTS order) for each prompt of a batch."""
+        import torch
+
+        self.load()
+        prompts, truncated = [], []
+        for messages in batch:
+            ids = self.render(messages)
+            truncated.append(len(ids) > self.prompt_budget)
+            prompts.append(ids[-self.prompt_budget :])
+
+        if self.shared_prefix is not None:
+            # The answers differ only in their last token ("1", "2", "0" are one token
+            # each in most vocabularies): one row per prompt, the next-token log-probs.
+            prefix, last = self.shared_prefix
+            logprobs = self._tail_logprobs([ids + prefix for ids in prompts], len(prefix) + 1)
+            scores = logprobs[:, -1, torch.tensor(last, device=logprobs.device)]
+            if prefix:
+                targets = torch.tensor(prefix, device=logprobs.device).expand(len(prompts), -1)
+                common = logprobs[:, :-1].gather(-1, targets[..., None]).squeeze(-1).sum(-1)
+                scores = scores + common[:, None]
+            return scores.tolist(), truncated
+
+        # Otherwise one row per answer; kept logit j predicts the token at row position
+        # width - keep + j + 1, so an answer of n tokens is read from logits keep-1-n..keep-2.
+        rows = [ids + answer for ids in prompts for answer in self.answer_ids]
+        keep = max(len(a) for a in self.answer_ids) + 1
+        logprobs = self._tail_logprobs(rows, keep)
         targets = torch.zeros((len(rows), keep - 1), dtype=torch.long)
         target_mask = torch.zeros((len(rows), keep - 1), dtype=torch.float32)
         for i in range(len(rows)):
@@ -603,8 +626,7 @@ class LocalJudge:
         targets, target_mask = targets.to(self.device), target_mask.to(self.device)
         picked = logprobs[:, :-1].gather(-1, targets[..., None]).squeeze(-1)
         scores = (picked * target_mask).sum(-1)
-        table = scores.view(len(batch), len(VERDICTS)).tolist()
-        return table, truncated
+        return scores.view(len(batch), len(VERDICTS)).tolist(), truncated
 
     def judge(self, comparisons: Sequence[Comparison], on_verdict: VerdictCallback) -> list:
         for start in range(0, len(comparisons), self.batch_size):

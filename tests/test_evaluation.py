@@ -334,18 +334,29 @@ def test_local_judge_scores_padded_rows_like_each_row_alone():
         prompts.messages("honesty", "Why?", "Because the sky is big and blue today.", "No."),
         prompts.messages("helpfulness", "Hi", "Hello there, little friend.", "Hey"),
     ]
-    table, truncated = judge.score(batch)
-    assert truncated == [False, False, False]
-
     model = AutoModelForCausalLM.from_pretrained(STORIES260K).eval()
-    for messages, scores in zip(batch, table, strict=True):
-        prompt_ids = judge.render(messages)
-        for answer, got in zip(judge.answer_ids, scores, strict=True):
-            ids = torch.tensor([prompt_ids + answer])
-            with torch.no_grad():
-                logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
-            want = sum(logprobs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(answer))
-            assert abs(got - want) < 1e-4, (got, want)
+
+    def check():
+        table, truncated = judge.score(batch)
+        assert truncated == [False, False, False]
+        for messages, scores in zip(batch, table, strict=True):
+            prompt_ids = judge.render(messages)
+            for answer, got in zip(judge.answer_ids, scores, strict=True):
+                ids = torch.tensor([prompt_ids + answer])
+                with torch.no_grad():
+                    logprobs = torch.log_softmax(model(ids).logits[0].double(), -1)
+                start = len(prompt_ids) - 1
+                want = sum(logprobs[start + j, t].item() for j, t in enumerate(answer))
+                assert abs(got - want) < 1e-4, (got, want)
+
+    # stories260K encodes "1", "2", "0" as a shared space marker and one digit: one row
+    # per prompt. Answers of different lengths take the path of one row per answer.
+    judge.load()
+    assert judge.shared_prefix is not None and len(judge.shared_prefix[0]) == 1
+    check()
+    judge.answer_ids = [judge.answer_ids[0] + judge.answer_ids[1], [475], judge.answer_ids[2]]
+    judge.shared_prefix = None
+    check()
 
 
 def test_local_judge_cuts_long_prompts_from_the_left():
