@@ -97,29 +97,6 @@ def to_right_padding(
     return rolled[0], rolled[1].masked_fill(~keep, IGNORE_INDEX), keep.to(attention_mask.dtype)
 
 
-def _materialised_logprobs(hidden, weight, labels, bias, softcap):
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    counted = labels != IGNORE_INDEX
-    targets = labels.masked_fill(~counted, 0)
-    token = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    return (token * counted).sum(-1)
-
-
-def _sequence_logprobs(hidden, weight, labels, bias, softcap):
-    import importlib.util
-
-    if importlib.util.find_spec("mofast.kernels.logprobs") is None:
-        return _materialised_logprobs(hidden, weight, labels, bias, softcap)
-
-    from mofast.kernels.logprobs import sequence_logprobs
-
-    return sequence_logprobs(
-        hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, softcap=softcap
-    )
-
-
 def sequence_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -137,9 +114,18 @@ def sequence_logps(
     body = model.get_decoder()
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
 
+    # The op's module, not the package attribute, which is the module once it is imported.
+    from mofast.kernels.logprobs import sequence_logprobs
+
     head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return _sequence_logprobs(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap)
+    return sequence_logprobs(
+        hidden[:, :-1],
+        head.weight,
+        labels[:, 1:],
+        bias=head.bias,
+        ignore_index=IGNORE_INDEX,
+        softcap=getattr(model.config, "final_logit_softcapping", None),
+    )
 
 
 def dpo_losses(
