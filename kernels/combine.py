@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from mofast.kernels.gram import _check_shards
 from triton.runtime.interpreter import InterpretedFunction
 
 __all__ = ["combine"]
@@ -81,8 +80,30 @@ def _combine_kernel(
     tl.store(out_ptr + cols, result, mask=col_mask)
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_grads(grads: torch.Tensor, name: str = "grads") -> None:
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"combine: {name} must be a [k, P] tensor, got {type(grads).__name__}")
+    if grads.dim() != 2:
+        raise ValueError(f"combine: {name} must be 2-D [k, P], got shape {tuple(grads.shape)}")
+    if grads.shape[0] == 0:
+        raise ValueError(f"combine: {name} needs k >= 1 gradient rows, got 0")
+    if grads.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"combine: {name} has dtype {grads.dtype}; supported are float32, float64, "
+            "float16 and bfloat16"
+        )
+    if grads.shape[1] > 1 and grads.stride(1) != 1:
+        raise ValueError(
+            f"combine: {name} must have unit column stride (rows may be strided), got "
+            f"strides {grads.stride()}"
+        )
+
+
 def _check_combine(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-    _check_shards(grads, "combine")
+    _check_grads(grads)
     k, P = grads.shape
     if weights.shape != (k,):
         raise ValueError(
@@ -92,7 +113,7 @@ def _check_combine(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tensor
         raise TypeError(f"combine: weights must be floating point, got {weights.dtype}")
     if out.shape != (P,):
         raise ValueError(f"combine: out must have shape [P] = [{P}], got {tuple(out.shape)}")
-    if out.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if out.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"combine: out has dtype {out.dtype}; supported are float32, float64, float16 and "
             "bfloat16"
@@ -157,6 +178,7 @@ def _weights_for(c: torch.Tensor | Sequence[float], grads: torch.Tensor) -> torc
 def _combine_one(
     grads: torch.Tensor, c: torch.Tensor | Sequence[float], out: torch.Tensor | None
 ) -> torch.Tensor:
+    _check_grads(grads)
     if out is None:
         out = torch.empty(grads.shape[1:], dtype=grads.dtype, device=grads.device)
     weights = _weights_for(c, grads)
@@ -186,7 +208,17 @@ def combine(
             raise TypeError("combine: for a [k, P] tensor, out must be a tensor or None")
         return _combine_one(grads, c, out)
 
-    shards = _check_shards(grads, "combine")
+    if not isinstance(grads, Sequence) or not grads:
+        raise TypeError("combine: grads must be a [k, P] tensor or a non-empty list of them")
+    shards = list(grads)
+    for s, shard in enumerate(shards):
+        _check_grads(shard, f"shard {s}")
+        if shard.shape[0] != shards[0].shape[0] or shard.device != shards[0].device:
+            raise ValueError(
+                f"combine: all shards need the same k and device; shard 0 is "
+                f"{tuple(shards[0].shape)} on {shards[0].device}, shard {s} "
+                f"{tuple(shard.shape)} on {shard.device}"
+            )
     if out is None:
         outs = [None] * len(shards)
     elif isinstance(out, torch.Tensor) or len(out) != len(shards):

@@ -217,6 +217,14 @@ def test_gram_min_norm_combine_pipeline_without_host_sync():
     assert _rel_err(out, _ref(grads, c)) <= FP32_FLOOR
 
 
+def test_public_names_are_the_functions_in_any_import_order():
+    # Importing a submodule binds it on the package under the op's own name, so a module
+    # of one op importing another op's module would shadow that op's function.
+    for names in ("combine, gram", "gram, combine"):
+        code = f"from mofast.kernels import {names}; assert callable(gram) and callable(combine)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_opcheck():
     grads = torch.randn(3, 1_001)
     args = (grads, torch.rand(3), torch.empty(1_001))
