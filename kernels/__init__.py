@@ -18,10 +18,25 @@ _MODULE_OF = {
     "sequence_logprobs": "mofast.kernels.logprobs",
 }
 
-# This folder is installed as `mofast.kernels`. When the repository root is on sys.path it
-# is also visible as a top-level `kernels`, the import name of Hugging Face's `kernels`
-# package, which transformers probes for; imported under that name it stays empty so the
-# probe finds no usable version and nothing is registered twice.
+# This folder is installed as `mofast.kernels`. When the repository root is on sys.path
+# (`python -m pytest` or `python -m mofast` run from it) it is also visible as a top-level
+# `kernels`, the import name of Hugging Face's `kernels` package that transformers imports.
+# Imported under that name, it loads that package in its own place when it is installed
+# and otherwise stays an empty module, so transformers behaves as it would elsewhere.
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _repo_root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module
+        _spec.loader.exec_module(_module)
+
 if __name__ == "mofast.kernels":
     from mofast.kernels import _native  # noqa: F401  (registers the mofast::* ops)
 

@@ -3,9 +3,7 @@
 import gzip
 import json
 import random
-import sys
 from collections import Counter
-from pathlib import Path
 
 import datasets
 import pandas
@@ -29,14 +27,6 @@ from mofast.data import (
     tokenize_objective,
     ultrafeedback_objectives,
 )
-
-# `python -m pytest` (the README's test command) puts the repository root on sys.path, where
-# kernels/ (installed as mofast.kernels) shadows the `kernels` package transformers imports when
-# it loads a model config. mofast is installed, so the root is not needed there.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-if Path(getattr(sys.modules.get("kernels"), "__file__", None) or "/").is_relative_to(_ROOT):
-    del sys.modules["kernels"]
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -54,3 +54,20 @@ def test_shipped_data_is_real():
             rows = [json.loads(line) for line in f]
         assert len(rows) == 1000
         assert all({"prompt", "chosen", "rejected"} <= row.keys() for row in rows)
+
+
+def test_repository_root_on_sys_path_does_not_shadow_hf_kernels():
+    # `python -m pytest` and `python -m mofast` put the repository root on sys.path, where
+    # the `kernels/` folder would otherwise hide Hugging Face's `kernels` from transformers.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "import kernels, mofast.kernels; "
+        "from transformers import AutoConfig; "
+        "from mofast.assets import STORIES260K; "
+        "AutoConfig.from_pretrained(STORIES260K); "
+        "assert kernels is not mofast.kernels and not hasattr(kernels, '_native')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(root)], check=True, cwd=root)
