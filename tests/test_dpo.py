@@ -9,7 +9,14 @@ import torch
 from mofast import dpo
 from mofast.assets import STORIES260K
 
-MAX_LENGTH = 96
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny shapes: a second thread only adds waiting (10x slower on a loaded machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

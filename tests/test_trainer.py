@@ -1,0 +1,409 @@
+"""The trainer on the shipped stories260K model and the shipped real UltraFeedback pairs.
+
+Runs are kept tiny (a few pairs of at most 48 tokens) so the file finishes in well under
+two minutes on 2 CPU cores; the tokenised pairs and reference log-probs are cached once in a
+module-wide folder.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from sync_guard import forbid_host_sync
+
+from mofast import config as config_module
+from mofast.config import TrainConfig, from_dict
+from mofast.trainer import GradientBuffers, Trainer, select_backend
+
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The shapes here are tiny: a second thread only adds waiting, and on a loaded machine
+    # OpenMP's barriers made a step 10x slower (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny(cache_dir, **overrides) -> TrainConfig:
+    values = dict(
+        max_pairs=12,
+        max_length=48,
+        micro_batch=4,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        cache_dir=str(cache_dir),
+        log_every=1,
+        plots=False,
+        save_model=False,
+        tensorboard=False,
+    )
+    values.update(overrides)
+    return from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def trainer(cache_dir, tmp_path_factory):
+    return Trainer(tiny(cache_dir), tmp_path_factory.mktemp("run"))
+
+
+def _window(trainer, sizes):
+    """Indices 0.. of every objective split into micro-batches of the given sizes."""
+    out = {}
+    for name in trainer.names:
+        start, lists = 0, []
+        for size in sizes:
+            lists.append(list(range(start, start + size)))
+            start += size
+        out[name] = lists
+    return out
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.buffers.params]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 0, micro-batches, host synchronisation, non-finite steps
+
+
+def test_step_zero_loss_is_ln2_with_precomputed_and_online_reference(trainer, cache_dir, tmp_path):
+    stats = trainer.accumulate_gradients(trainer.prepare(trainer.sampler.window(0, 0)))
+    losses = stats[:, 0].double()
+    assert torch.all((losses - LN2).abs() < 1e-6), losses
+
+    online = Trainer(tiny(cache_dir, reference="online"), tmp_path / "online")
+    assert online.reference_model is not None and not online.reference_table
+    stats = online.accumulate_gradients(online.prepare(online.sampler.window(0, 0)))
+    assert torch.all((stats[:, 0].double() - LN2).abs() < 1e-6), stats[:, 0]
+    assert online.reference_forwards == 2 * online.config.grad_accum
+
+
+def test_window_loss_and_gradient_do_not_depend_on_the_micro_batch_split(trainer):
+    one = trainer.accumulate_gradients(trainer.prepare(_window(trainer, [8])))
+    rows_one = trainer.buffers.rows.clone()
+    four = trainer.accumulate_gradients(trainer.prepare(_window(trainer, [2, 2, 2, 2])))
+    rows_four = trainer.buffers.rows.clone()
+
+    assert rows_one.abs().amax() > 0
+    torch.testing.assert_close(four[:, 0], one[:, 0], rtol=1e-6, atol=1e-6)
+    # Same sums in another order: fp32 rounding only, relative to each row's scale.
+    scale = rows_one.abs().amax(dim=1, keepdim=True)
+    assert torch.all((rows_four - rows_one).abs() <= 1e-5 * scale)
+
+    uneven = trainer.accumulate_gradients(trainer.prepare(_window(trainer, [5, 3])))
+    torch.testing.assert_close(uneven[:, 0], one[:, 0], rtol=1e-6, atol=1e-6)
+    assert torch.all((trainer.buffers.rows - rows_one).abs() <= 1e-5 * scale)
+
+
+def test_parameter_grads_are_views_of_the_buffers(trainer):
+    batches = trainer.prepare(trainer.sampler.window(0, 0))
+    rows = trainer.buffers.rows
+    trainer.accumulate_gradients(batches)
+    assert not trainer.buffers.uses_hooks
+    for p in trainer.buffers.params:
+        assert p.grad is not None
+        base = p.grad.untyped_storage().data_ptr()
+        assert base == trainer.buffers.flat.untyped_storage().data_ptr()
+    assert rows.abs().sum(dim=1).min() > 0, "every objective's row received its gradient"
+
+
+def test_a_step_does_not_synchronise_with_the_host(trainer):
+    batches = trainer.prepare(trainer.sampler.window(0, 1))
+    before = _params(trainer)
+    with forbid_host_sync():
+        record = trainer.train_step(batches)
+    assert record.dim() == 1 and torch.isfinite(record).all()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.buffers.params, strict=True))
+
+
+def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
+    trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))  # optimiser state exists
+    weights = _params(trainer)
+    state = {
+        i: {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+        for i, p in enumerate(trainer.buffers.params)
+    }
+    skipped_before = trainer.skipped_total
+
+    batches = trainer.prepare(trainer.sampler.window(0, 1))
+    batches[1][0].reference[0] = float("nan")
+    with forbid_host_sync():
+        record = trainer.train_step(batches)
+    trainer._pending.append((999, 1, 0.0, record))
+    entry = trainer.flush_metrics()[-1]
+
+    assert entry["skipped"] and trainer.skipped_total == skipped_before + 1
+    assert math.isnan(entry["losses"][trainer.names[1]])
+    for before, p in zip(weights, trainer.buffers.params, strict=True):
+        assert torch.equal(before, p)
+    for i, p in enumerate(trainer.buffers.params):
+        for key, value in trainer.optimizer.state[p].items():
+            assert torch.equal(value, state[i][key]), key
+
+    # The next finite step updates again.
+    record = trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))
+    k = trainer.k
+    assert record[2 * k + k * k] == 0, "the skip flag of the record"
+    assert any(not torch.equal(a, p) for a, p in zip(weights, trainer.buffers.params, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient buffers, backend selection, configuration
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+def test_gradient_buffers_accumulate_each_objective_into_its_row(buffer_dtype):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    params = list(model.parameters())
+    buffers = GradientBuffers(params, k=3, dtype=buffer_dtype)
+    assert buffers.uses_hooks == (buffer_dtype != torch.float32)
+    assert buffers.nbytes == 3 * buffers.numel * buffer_dtype.itemsize + 4 * buffers.numel
+
+    inputs = [torch.randn(2, 9, 7) for _ in range(3)]
+    buffers.zero_()
+    for i, x in enumerate(inputs):
+        buffers.accumulate_into(i)
+        for micro in x:  # two backward passes accumulate
+            model(micro).pow(2).sum().backward()
+    buffers.point_at_flat()
+
+    for i, x in enumerate(inputs):
+        expected = torch.autograd.grad(model(x.reshape(-1, 7)).pow(2).sum(), params)
+        flat = torch.cat([g.reshape(-1) for g in expected])
+        tol = 1e-5 if buffer_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(buffers.rows[i].float(), flat, rtol=tol, atol=tol)
+    for p in params:
+        assert p.grad.untyped_storage().data_ptr() == buffers.flat.untyped_storage().data_ptr()
+    buffers.remove_hooks()
+
+
+def test_select_backend_picks_per_device():
+    liger_types = frozenset({"llama", "qwen2"})
+    cpu = select_backend("cpu", flash_attn_installed=True, liger_model_types=liger_types,
+                         model_type="llama")  # fmt: skip
+    assert (cpu.dtype, cpu.attn_implementation, cpu.liger) == (
+        torch.float32,
+        "mofast_causal_sdpa",
+        False,
+    )
+
+    cuda = select_backend("cuda", flash_attn_installed=True, liger_model_types=liger_types,
+                          model_type="qwen2")  # fmt: skip
+    assert (cuda.dtype, cuda.attn_implementation, cuda.liger) == (
+        torch.bfloat16,
+        "mofast_causal_flash_attention_2",
+        True,
+    )
+
+    no_flash = select_backend("cuda", model_type="gpt2", liger_model_types=liger_types)
+    assert no_flash.attn_implementation == "mofast_causal_sdpa" and not no_flash.liger
+
+    softcap = select_backend("cuda", model_type="gemma2", attn_softcap=True)
+    assert softcap.attn_implementation == "eager"
+    assert select_backend("cpu", dtype="bfloat16").dtype == torch.bfloat16
+    assert not select_backend("cuda", liger="off", model_type="llama",
+                              liger_model_types=liger_types).liger  # fmt: skip
+
+    with pytest.raises(ValueError, match="CUDA"):
+        select_backend("cpu", attn_implementation="flash_attention_2", flash_attn_installed=True)
+    with pytest.raises(ValueError, match="not installed"):
+        select_backend("cuda", attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="does not patch"):
+        select_backend("cuda", liger="on", model_type="gpt2", liger_model_types=liger_types)
+    with pytest.raises(ValueError, match="soft-cap"):
+        select_backend("cuda", attn_implementation="sdpa", attn_softcap=True)
+
+
+def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
+    import argparse
+
+    for name in ("default", "qwen2.5-0.5b-ultrafeedback"):
+        shipped = config_module.load_yaml(name)
+        config_module.dump_yaml(shipped, tmp_path / f"{name}.yaml")
+        assert config_module.load_yaml(tmp_path / f"{name}.yaml") == shipped
+    recipe = config_module.load_yaml("qwen2.5-0.5b-ultrafeedback")
+    assert (recipe.lr, recipe.beta, recipe.micro_batch, recipe.grad_accum) == (1e-7, 0.5, 8, 4)
+    assert recipe.model == "Qwen/Qwen2.5-0.5B-Instruct"
+
+    parser = argparse.ArgumentParser()
+    config_module.add_field_arguments(parser)
+    args = parser.parse_args(
+        ["--lr", "3e-6", "--liger", "off", "--max-steps", "5", "--objectives", "{a: x.jsonl}",
+         "--model", "null", "--plots", "false"]
+    )  # fmt: skip
+    config = from_dict(config_module.overrides_from_args(args), recipe)
+    assert config.lr == 3e-6 and config.liger == "off" and config.max_steps == 5
+    assert config.objectives == {"a": "x.jsonl"} and config.model is None and not config.plots
+    assert config.micro_batch == 8  # untouched fields keep the file's value
+
+    flags = {a.dest for a in parser._actions}
+    assert {f for f in TrainConfig.__dataclass_fields__} <= flags
+
+    with pytest.raises(ValueError, match="unknown config fields: nope"):
+        from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="grad_dtype"):
+        from_dict({"grad_dtype": "float16"})
+    with pytest.raises(ValueError, match="max_steps"):
+        from_dict({"max_steps": "many"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference cache, data modes, outputs
+
+
+def test_reference_log_probs_are_cached_and_reused(tmp_path):
+    cache = tmp_path / "fresh-cache"
+    first = Trainer(tiny(cache, max_pairs=6), tmp_path / "a")
+    assert first.reference_forwards > 0
+    second = Trainer(tiny(cache, max_pairs=6), tmp_path / "b")
+    assert second.reference_forwards == 0
+    for name in first.names:
+        assert torch.equal(first.reference_table[name], second.reference_table[name])
+
+    other_data = Trainer(tiny(cache, max_pairs=5), tmp_path / "c")
+    assert other_data.reference_forwards > 0, "other tokenised data is another cache entry"
+
+
+def _ultrafeedback_record(prompt, ratings, texts):
+    aspects = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+    return {
+        "instruction": prompt,
+        "completions": [
+            {
+                "response": text,
+                "annotations": {a: {"Rating": str(r)} for a, r in zip(aspects, row, strict=True)},
+            }
+            for row, text in zip(ratings, texts, strict=True)
+        ],
+    }
+
+
+def test_cdpo_mode_trains_one_objective_on_summed_scores(tmp_path, cache_dir):
+    records = [
+        _ultrafeedback_record(
+            f"Tell a short story about a {animal}.",
+            [[5, 5, 4, 5], [2, 3, 2, 1], [4, 4, 4, 4], [1, 1, 2, 1]],
+            [f"The {animal} ran home.", f"A {animal} sat.", f"Once a {animal} was glad.", "No."],
+        )
+        for animal in ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen")
+    ]
+    path = tmp_path / "uf.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    config = tiny(
+        cache_dir, data_mode="cdpo", dataset=str(path), max_pairs=None, max_steps=2,
+        test_fraction=0.25, micro_batch=2, grad_accum=2,
+    )  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.names == ["cdpo"]
+    assert len(trainer.datasets["cdpo"]) == 6 * 6  # 6 train prompts x 6 untied pairs
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert first["weights"] == {"cdpo": 1.0} and abs(first["losses"]["cdpo"] - LN2) < 1e-6
+
+
+def test_fit_writes_metrics_plots_tensorboard_and_the_final_model(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    config = tiny(cache_dir, combinator="groupdro", epochs=2, max_steps=3, plots=True,
+                  save_model=True, tensorboard=True)  # fmt: skip
+    trainer = Trainer(config, run)
+    trainer.fit()
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert set(r["losses"]) == set(r["weights"]) == set(trainer.names)
+        assert r["skipped"] is False and r["tokens_per_s"] > 0
+        assert abs(sum(r["weights"].values()) - 1) < 1e-5
+    assert all(abs(v - LN2) < 1e-6 for v in records[0]["losses"].values())
+    assert records[-1]["losses"] != records[0]["losses"]
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["combinator"] == "groupdro"
+    for name in ("losses.png", "weights.png", "gram_cosines.png"):
+        assert (run / "plots" / name).stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    saved = load_file(run / "model" / "model.safetensors")
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    assert (run / "model" / "tokenizer.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a run killed with SIGKILL and resumed ends where an uninterrupted run ends
+
+
+def _train_command(run_dir, cache, *extra):
+    return [
+        sys.executable, "-m", "mofast", "--log-level", "WARNING", "train",
+        "--max-pairs", "12", "--max-length", "40", "--micro-batch", "2", "--grad-accum", "2",
+        "--combinator", "groupdro", "--lr", "1e-3", "--warmup-ratio", "0.2",
+        "--epochs", "4", "--max-steps", "10", "--save-every", "1",
+        "--keep-checkpoints", "2", "--log-every", "1", "--plots", "false",
+        "--save-model", "false", "--tensorboard", "false",
+        "--cache-dir", str(cache), "--output-dir", str(run_dir), *extra,
+    ]  # fmt: skip
+
+
+def test_sigkill_and_resume_end_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
+    # Separate caches: the two runs start at once and must not share half-written files.
+    full = subprocess.Popen(_train_command(full_dir, tmp_path / "c1"), cwd=tmp_path, env=env)
+    victim = subprocess.Popen(_train_command(killed_dir, tmp_path / "c2"), cwd=tmp_path, env=env)
+
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoints" / "step-00000003").exists():
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    steps = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
+    assert "step-00000010" not in steps
+
+    resume = [sys.executable, "-m", "mofast", "train", "--resume", str(killed_dir)]
+    resumed = subprocess.run(
+        resume, cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # It continued from a checkpoint of the killed run rather than starting over.
+    at = int(resumed.stderr.split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert 3 <= at < 10
+    assert f"trained {10 - at} steps" in resumed.stderr
+    assert full.wait(timeout=300) == 0
+
+    a = load_file(full_dir / "checkpoints" / "step-00000010" / "model.safetensors")
+    b = load_file(killed_dir / "checkpoints" / "step-00000010" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def steps_of(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["losses"], r["weights"]) for r in map(json.loads, lines)]
+
+    assert steps_of(full_dir) == steps_of(killed_dir)
