@@ -4,19 +4,10 @@ fused DPO sequence log-probabilities.
 Importing this package needs only torch, triton (for the CUDA path) and the native
 extension; it never imports transformers or datasets. Every public function picks its
 device path itself: Triton kernels for CUDA tensors, the native C++ code (or a chunked
-torch path) for CPU tensors. Each op's module is imported on first use.
+torch path) for CPU tensors.
 """
 
-import importlib
-
 __all__ = ["gram", "min_norm", "combine", "sequence_logprobs"]
-
-_MODULE_OF = {
-    "gram": "mofast.kernels.gram",
-    "min_norm": "mofast.kernels.min_norm",
-    "combine": "mofast.kernels.combine",
-    "sequence_logprobs": "mofast.kernels.logprobs",
-}
 
 # This folder is installed as `mofast.kernels`. When the repository root is on sys.path
 # (`python -m pytest` or `python -m mofast` run from it) it is also visible as a top-level
@@ -39,13 +30,7 @@ if __name__ == "kernels":
 
 if __name__ == "mofast.kernels":
     from mofast.kernels import _native  # noqa: F401  (registers the mofast::* ops)
-
-    def __getattr__(name: str):
-        if name not in _MODULE_OF:
-            raise AttributeError(f"module 'mofast.kernels' has no attribute {name!r}")
-        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted([*globals(), *__all__])
+    from mofast.kernels.combine import combine
+    from mofast.kernels.gram import gram
+    from mofast.kernels.logprobs import sequence_logprobs
+    from mofast.kernels.min_norm import min_norm
