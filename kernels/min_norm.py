@@ -3,14 +3,13 @@ minimise c^T G c (SPEC section 2), i.e. the min-norm point of the convex hull of
 gradients behind G.
 
 Layers, as for every mofast kernel:
-    _min_norm_fw_kernel     Triton, one program per problem, Frank-Wolfe with a fixed
-                            iteration budget and convergence masking (CUDA)
-    _frank_wolfe_triton     launcher: checks the batch, allocates the outputs
-    _exact_batched          Wolfe's algorithm in batched torch ops with a fixed step budget
-                            (the CUDA path of method="exact"; device-agnostic)
-    mofast::min_norm        the op: native C++ on the CPU (csrc/min_norm.cpp), the two
-                            functions above registered for CUDA
-    min_norm                the public function
+    _min_norm_kernel        Triton, one program per problem: the best-pair start, then
+                            Frank-Wolfe or Wolfe's exact algorithm with a fixed budget and
+                            convergence masking (the CUDA path)
+    _min_norm_triton        launcher: checks the batch, allocates the outputs
+    mofast::min_norm        the op: native C++ on the CPU (csrc/min_norm.cpp), the launcher
+                            registered for CUDA
+    min_norm                the public function (no backward: no autograd Function)
 
 No path reads a value back to the host, so the solver can run inside a CUDA graph and a
 non-finite Gram shows up as NaN weights that the trainer can test on the device. The
@@ -63,7 +62,7 @@ def exact_budget(k: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-#  Frank-Wolfe on CUDA: Triton
+#  CUDA: one Triton program per problem
 # ------------------------------------------------------------------------------------------
 
 
@@ -77,9 +76,157 @@ def _two_point_weight(a, b, d):
     return tl.where(b >= a, 1.0, tl.where(b >= d, 0.0, interior))
 
 
+@triton.jit
+def _frank_wolfe_loop(g, diag, c, done, converged, k, max_iters, tol, BLOCK_K: tl.constexpr):
+    # Exact line search towards e_t, t = argmin (G c)_t, until the L1 change of c is below
+    # tol or the budget is spent. Each program stops on its own: with one problem per
+    # program, no other problem waits on it.
+    offs = tl.arange(0, BLOCK_K)
+    cols = offs[None, :]
+    in_k = offs < k
+    iters = tl.zeros((), dtype=tl.int32)
+    gc = tl.sum(g * c[None, :], axis=1)  # [BLOCK_K]
+    value = tl.sum(c * gc)
+    while (iters < max_iters) & (done == 0):
+        g_min = tl.min(tl.where(in_k, gc, float("inf")))
+        t = tl.min(tl.where(in_k & (gc == g_min), offs, BLOCK_K))
+        keep = _two_point_weight(value, g_min, tl.sum(tl.where(offs == t, diag, 0.0)))
+        step = 1.0 - keep
+        nxt = keep * c + tl.where(offs == t, step, 0.0)
+        col_t = tl.sum(tl.where(cols == t, g, 0.0), axis=1)  # [BLOCK_K]
+        change = tl.sum(tl.abs(nxt - c))
+
+        c = nxt
+        gc = keep * gc + step * col_t
+        value = tl.sum(c * gc)
+        iters += 1
+        stop = change < tol
+        converged = converged | stop
+        done = done | stop.to(tl.int32)
+    return c, iters, converged
+
+
+@triton.jit
+def _affine_min_norm(g, diag, in_s, k, PIVOT_REL_TOL: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Weights (summing to 1, any sign, zero off the support) of the affine min-norm point
+    # of the support, and whether the support was affinely independent.
+    # With r the support's first index and x = p_r + sum_a mu_a (p_a - p_r), the normal
+    # equations A mu = b have A_ab = <p_a - p_r, p_b - p_r> and b_a = <p_r, p_r - p_a>.
+    # Indices off the support get identity rows. Gauss-Jordan without pivoting is stable
+    # on this positive definite A, and its pivots are the squared distances of each point
+    # to the affine hull of the points before it.
+    offs = tl.arange(0, BLOCK_K)
+    rows = offs[:, None]
+    cols = offs[None, :]
+    ref = tl.min(tl.where(in_s != 0, offs, BLOCK_K))
+    rest = (in_s != 0) & (offs != ref)  # [BLOCK_K]
+    g_ref = tl.sum(tl.where(cols == ref, g, 0.0), axis=1)  # [BLOCK_K]: G[:, r]
+    g_rr = tl.sum(tl.where(offs == ref, diag, 0.0))
+    both = rest[:, None] & rest[None, :]
+    a = tl.where(both, g - g_ref[:, None] - g_ref[None, :] + g_rr, tl.where(rows == cols, 1.0, 0.0))
+    b = tl.where(rest, g_rr - g_ref, 0.0)
+    own = tl.sum(tl.where(rows == cols, a, 0.0), axis=1)  # [BLOCK_K]
+
+    independent = tl.full((), 1, tl.int32)
+    for j in range(k):
+        row_j = tl.sum(tl.where(rows == j, a, 0.0), axis=0)  # [BLOCK_K]: A[j, :]
+        col_j = tl.sum(tl.where(cols == j, a, 0.0), axis=1)  # [BLOCK_K]: A[:, j]
+        pivot = tl.sum(tl.where(offs == j, row_j, 0.0))
+        b_j = tl.sum(tl.where(offs == j, b, 0.0))
+        own_j = tl.sum(tl.where(offs == j, own, 0.0))
+        independent = independent & (pivot > PIVOT_REL_TOL * own_j).to(tl.int32)
+        factor = tl.where(offs == j, 0.0, col_j / tl.where(pivot > 0.0, pivot, 1.0))
+        a = a - factor[:, None] * row_j[None, :]
+        b = b - factor * b_j
+
+    pivots = tl.sum(tl.where(rows == cols, a, 0.0), axis=1)
+    mu = tl.where(rest, b / tl.where(pivots > 0.0, pivots, 1.0), 0.0)
+    w = tl.where(offs == ref, 1.0 - tl.sum(mu), mu)
+    return tl.where(in_s != 0, w, 0.0), independent
+
+
+@triton.jit
+def _wolfe_loop(
+    g,
+    diag,
+    c,
+    done,
+    converged,
+    k,
+    budget,
+    GAP_REL_TOL: tl.constexpr,
+    PIVOT_REL_TOL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Wolfe's min-norm-point algorithm, one affine solve per round: a major round adds
+    # t = argmin (G c)_t to the support (or stops at the optimum); a minor round moves
+    # towards the support's affine min-norm point until the first weight reaches zero and
+    # drops the points that did. The same algorithm as csrc/min_norm.cpp. The round that
+    # finds the optimum solves nothing; every other round spends one step of the budget.
+    offs = tl.arange(0, BLOCK_K)
+    in_k = offs < k
+    in_s = (c > 0.0).to(tl.int32)
+    major = tl.full((), 1, tl.int32)
+    steps = tl.zeros((), dtype=tl.int32)
+    value = tl.sum(c * tl.sum(g * c[None, :], axis=1))
+    saved_c = c
+    saved_s = in_s
+    saved_value = value
+    while (steps < budget) & (done == 0):
+        # Major round: the optimality test, else t joins the support.
+        gc = tl.sum(g * c[None, :], axis=1)  # [BLOCK_K]
+        value = tl.sum(c * gc)
+        g_min = tl.min(tl.where(in_k, gc, float("inf")))
+        t = tl.min(tl.where(in_k & (gc == g_min), offs, BLOCK_K))
+        joins = offs == t
+        largest = tl.max(tl.where((in_s != 0) | joins, diag, 0.0))
+        t_in_s = tl.sum(tl.where(joins & (in_s != 0), 1, 0)) > 0
+        optimal = t_in_s | (value - g_min <= GAP_REL_TOL * largest)
+        starting = (done == 0) & (major != 0)
+        finished = starting & optimal
+        adding = starting & ~optimal
+        done = done | finished.to(tl.int32)
+        converged = converged | finished
+        saved_c = tl.where(adding, c, saved_c)
+        saved_s = tl.where(adding, in_s, saved_s)
+        saved_value = tl.where(adding, value, saved_value)
+        in_s = tl.where(adding & joins, 1, in_s)
+
+        # The affine solve, kept if its weights are positive, else a minor move.
+        solving = done == 0
+        w, independent = _affine_min_norm(g, diag, in_s, k, PIVOT_REL_TOL, BLOCK_K)
+        ok = independent != 0
+        falling = (in_s != 0) & (w <= 0.0)
+        settled = solving & ok & (tl.sum(falling.to(tl.int32)) == 0)
+        minor = solving & ok & ~settled
+
+        drop = tl.where(falling, c - w, 1.0)
+        ratio = tl.where(falling, c / tl.where(drop > 0.0, drop, 1.0), float("inf"))
+        theta = tl.min(ratio)
+        leaving = tl.min(tl.where(ratio == theta, offs, BLOCK_K))
+        moved = c + tl.minimum(theta, 1.0) * (w - c)
+        moved = tl.where((in_s != 0) & (offs != leaving) & (moved > 0.0), moved, 0.0)
+        moved = moved / tl.maximum(tl.sum(moved), 1e-300)
+
+        c = tl.where(settled, w, tl.where(minor, moved, c))
+        in_s = tl.where(minor, (moved > 0.0).to(tl.int32), in_s)
+        major = tl.where(settled, 1, tl.where(minor, 0, major))
+        steps += solving.to(tl.int32)
+
+        # A round that did not lower the objective (rounding), or a dependent point, leaves
+        # the previous point, optimal to working precision.
+        next_value = tl.sum(c * tl.sum(g * c[None, :], axis=1))
+        revert = (solving & ~ok) | (settled & ~(next_value < saved_value))
+        c = tl.where(revert, saved_c, c)
+        in_s = tl.where(revert, saved_s, in_s)
+        done = done | revert.to(tl.int32)
+        converged = converged | revert
+    return c, steps, converged
+
+
 # k = 1 would otherwise be specialised into a compile-time constant.
 @triton.jit(do_not_specialize=["k"])
-def _min_norm_fw_kernel(
+def _min_norm_kernel(
     # pointers
     gram_ptr,  # [B, k, k] float32 or float64
     weights_ptr,  # [B, k] gram's dtype, written
@@ -97,6 +244,9 @@ def _min_norm_fw_kernel(
     # scalars
     tol,
     # constexpr
+    EXACT: tl.constexpr,
+    GAP_REL_TOL: tl.constexpr,
+    PIVOT_REL_TOL: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -151,29 +301,15 @@ def _min_norm_fw_kernel(
     c = tl.where(positive | (k == 1), c, tl.where(in_k, 1.0 / k.to(tl.float64), 0.0))
     done = ((k == 1) | ~positive | ~finite).to(tl.int32)
     converged = (done != 0) & finite
-    iters = tl.zeros((), dtype=tl.int32)
 
-    # Frank-Wolfe: exact line search towards e_t, t = argmin (G c)_t; problems that have
-    # converged keep their weights while the loop runs out its budget.
-    gc = tl.sum(g * c[None, :], axis=1)  # [BLOCK_K]
-    value = tl.sum(c * gc)
-    for _ in range(max_iters):
-        g_min = tl.min(tl.where(in_k, gc, float("inf")))
-        t = tl.min(tl.where(in_k & (gc == g_min), offs, BLOCK_K))
-        keep = _two_point_weight(value, g_min, tl.sum(tl.where(offs == t, diag, 0.0)))
-        step = 1.0 - keep
-        nxt = keep * c + tl.where(offs == t, step, 0.0)
-        col_t = tl.sum(tl.where(cols == t, g, 0.0), axis=1)  # [BLOCK_K]
-        change = tl.sum(tl.abs(nxt - c))
-
-        active = done == 0
-        c = tl.where(active, nxt, c)
-        gc = tl.where(active, keep * gc + step * col_t, gc)
-        value = tl.where(active, tl.sum(c * gc), value)
-        iters += active.to(tl.int32)
-        stop = active & (change < tol)
-        converged = converged | stop
-        done = done | stop.to(tl.int32)
+    if EXACT:
+        c, iters, converged = _wolfe_loop(
+            g, diag, c, done, converged, k, max_iters, GAP_REL_TOL, PIVOT_REL_TOL, BLOCK_K
+        )
+    else:
+        c, iters, converged = _frank_wolfe_loop(
+            g, diag, c, done, converged, k, max_iters, tol, BLOCK_K
+        )
 
     c = tl.where(finite, c, float("nan"))
     tl.store(
@@ -185,13 +321,15 @@ def _min_norm_fw_kernel(
     tl.store(converged_ptr + pid, converged.to(tl.int8))
 
 
-def _frank_wolfe_triton(
-    gram: torch.Tensor, max_iters: int, tol: float
+def _min_norm_triton(
+    gram: torch.Tensor, max_iters: int, tol: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frank-Wolfe on every problem of `gram` [B, k, k] with the Triton kernel.
+    """Solve every problem of `gram` [B, k, k] with the Triton kernel, one program each.
 
-    Returns (weights [B, k] in gram's dtype, iterations int32 [B], converged bool [B]).
-    Runs wherever Triton runs: CUDA, or the CPU under TRITON_INTERPRET=1.
+    `max_iters` is Frank-Wolfe's iteration cap, or the exact method's step budget (see
+    `exact_budget`). Returns (weights [B, k] in gram's dtype, iterations int32 [B],
+    converged bool [B]). Runs wherever Triton runs: CUDA, or the CPU under
+    TRITON_INTERPRET=1.
     """
     _check_batch(gram)
     batch, k, _ = gram.shape
@@ -199,6 +337,8 @@ def _frank_wolfe_triton(
         raise ValueError(
             f"min_norm on the GPU supports k <= {MAX_TRITON_K} objectives, got k = {k}"
         )
+    if method not in METHODS:
+        raise ValueError(f"min_norm: method must be one of {METHODS}, got {method!r}")
     if max_iters < 0:
         raise ValueError(f"min_norm: max_iters must be >= 0, got {max_iters}")
 
@@ -209,7 +349,7 @@ def _frank_wolfe_triton(
         return weights, iterations, converged.bool()
 
     block_k = max(triton.next_power_of_2(k), 2)
-    _min_norm_fw_kernel[(batch,)](
+    _min_norm_kernel[(batch,)](
         gram_ptr=gram,
         weights_ptr=weights,
         iters_ptr=iterations,
@@ -222,181 +362,13 @@ def _frank_wolfe_triton(
         stride_wb=weights.stride(0),
         stride_wi=weights.stride(1),
         tol=tol,
+        EXACT=method == "exact",
+        GAP_REL_TOL=_GAP_REL_TOL,
+        PIVOT_REL_TOL=_PIVOT_REL_TOL,
         BLOCK_K=block_k,
         num_warps=1 if block_k <= 16 else (2 if block_k <= 32 else 4),
     )
     return weights, iterations, converged.bool()
-
-
-# ------------------------------------------------------------------------------------------
-#  Exact method on CUDA: Wolfe's algorithm in batched torch ops
-# ------------------------------------------------------------------------------------------
-
-
-def _normalise(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(G + G^T) / (2 max_i G_ii) in float64, zero where G is not finite, as the native
-    code does; also the finite and the positive-scale flags, [B] each."""
-    finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
-    g = gram.to(torch.float64)
-    g = torch.where(finite[:, None, None], g, 0.0)
-    g = 0.5 * g + 0.5 * g.mT
-
-    scale = g.diagonal(dim1=-2, dim2=-1).amax(dim=-1).clamp_min(0.0)
-    positive = scale > 0
-    safe = torch.where(positive, scale, 1.0)[:, None, None]
-    inv = 1.0 / safe
-    g = torch.where(torch.isfinite(inv), g * inv, g / safe)
-    return g, finite, positive
-
-
-def _two_point_weight_torch(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    den = a + d - 2.0 * b
-    interior = ((d - b) / torch.where(den > 0, den, 1.0)).clamp(0.0, 1.0)
-    return torch.where(b >= a, 1.0, torch.where(b >= d, 0.0, interior))
-
-
-def _best_pair(g: torch.Tensor) -> torch.Tensor:
-    """The best two-point weights over all pairs i < j, [B, k]; the first pair wins ties."""
-    batch, k, _ = g.shape
-    diag = g.diagonal(dim1=-2, dim2=-1)
-    a = diag[:, :, None]
-    d = diag[:, None, :]
-    w_first = _two_point_weight_torch(a, g, d)
-    w_second = 1.0 - w_first
-    value = w_first * w_first * a + 2.0 * w_first * w_second * g + w_second * w_second * d
-
-    upper = torch.ones(k, k, dtype=torch.bool, device=g.device).triu(diagonal=1)
-    value = torch.where(upper, value, math.inf).reshape(batch, k * k)
-    pick = value.argmin(dim=-1)
-    weight = w_first.reshape(batch, k * k).gather(1, pick[:, None])
-
-    idx = torch.arange(k, device=g.device)
-    first = (idx == (pick // k)[:, None]).to(g.dtype)
-    second = (idx == (pick % k)[:, None]).to(g.dtype)
-    return weight * first + (1.0 - weight) * second
-
-
-def _affine_min_norm(g: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Affine min-norm weights of every support ([B, k], zero off the support) and whether
-    the support was affinely independent to working precision ([B] bool).
-
-    With r the support's first index and x = p_r + sum_a mu_a (p_a - p_r), the normal
-    equations A mu = b have A_ab = <p_a - p_r, p_b - p_r> and b_a = <p_r, p_r - p_a>;
-    indices off the support get identity rows, so every matrix stays factorable.
-    """
-    batch, k, _ = g.shape
-    idx = torch.arange(k, device=g.device)
-    ref = support.to(torch.int8).argmax(dim=-1)
-    rest = support & (idx != ref[:, None])
-
-    g_ref = g.gather(2, ref[:, None, None].expand(batch, k, 1))[..., 0]  # [B, k]: G[:, r]
-    g_rr = g_ref.gather(1, ref[:, None])  # [B, 1]
-    rel = g - g_ref[:, :, None] - g_ref[:, None, :] + g_rr[:, :, None]
-    both = rest[:, :, None] & rest[:, None, :]
-    eye = torch.eye(k, dtype=g.dtype, device=g.device)
-    rel = torch.where(both, rel, eye)
-    rhs = torch.where(rest, g_rr - g_ref, 0.0)
-
-    chol, info = torch.linalg.cholesky_ex(rel)
-    pivots = chol.diagonal(dim1=-2, dim2=-1).square()
-    own = rel.diagonal(dim1=-2, dim2=-1)
-    independent = (info == 0) & ((pivots > _PIVOT_REL_TOL * own) | ~rest).all(dim=-1)
-
-    mu = torch.cholesky_solve(rhs[:, :, None], chol)[..., 0]
-    mu = torch.where(rest & independent[:, None], mu, 0.0)
-    weights = torch.where(idx == ref[:, None], 1.0 - mu.sum(dim=-1, keepdim=True), mu)
-    return torch.where(support, weights, 0.0), independent
-
-
-def _exact_batched(
-    gram: torch.Tensor, budget: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Wolfe's min-norm-point algorithm on every problem of `gram` [B, k, k] at once.
-
-    The same algorithm as the native exact method (start from the best pair; a major step
-    adds argmin_t (G c)_t to the support, minor steps drop points until the affine
-    min-norm point of the support has positive weights). Each of the `budget` rounds
-    does one affine solve for every unfinished problem; finished problems are masked, so
-    nothing is read back to the host. Returns (weights [B, k] in gram's dtype,
-    steps int32 [B], converged bool [B]).
-    """
-    _check_batch(gram)
-    batch, k, _ = gram.shape
-    device = gram.device
-    g, finite, positive = _normalise(gram)
-    idx = torch.arange(k, device=device)
-    diag = g.diagonal(dim1=-2, dim2=-1)
-
-    if k == 1:
-        c = torch.ones(batch, 1, dtype=torch.float64, device=device)
-    else:
-        c = _best_pair(g)
-    c = torch.where(positive[:, None], c, 1.0 / k)
-    done = ~finite | ~positive | (k == 1)
-    converged = done & finite
-    steps = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    support = c > 0
-    gc = (g @ c[:, :, None])[..., 0]
-    value = (c * gc).sum(dim=-1)
-    major = torch.ones(batch, dtype=torch.bool, device=device)
-    saved_c, saved_support, saved_gc, saved_value = c, support, gc, value
-
-    for _ in range(budget):
-        # Major step: stop at the optimum, or add t = argmin (G c)_t to the support.
-        active = ~done
-        g_min, t = gc.min(dim=-1)
-        joins = idx == t[:, None]
-        largest = torch.where(support | joins, diag, 0.0).amax(dim=-1)
-        optimal = (support & joins).any(dim=-1) | (value - g_min <= _GAP_REL_TOL * largest)
-        finished = active & major & optimal
-        adding = active & major & ~optimal
-        done = done | finished
-        converged = converged | finished
-
-        keep = adding[:, None]
-        saved_c = torch.where(keep, c, saved_c)
-        saved_support = torch.where(keep, support, saved_support)
-        saved_gc = torch.where(keep, gc, saved_gc)
-        saved_value = torch.where(adding, value, saved_value)
-        support = support | (keep & joins)
-
-        # One affine solve; keep it if its weights are positive, else a minor step: move
-        # towards it until the first weight reaches zero and drop the points that did.
-        solving = ~done
-        w, independent = _affine_min_norm(g, support)
-        stuck = solving & ~independent
-        settled = solving & independent & ((w > 0) | ~support).all(dim=-1)
-        minor = solving & independent & ~settled
-
-        falling = support & (w <= 0)
-        drop = torch.where(falling, c - w, 1.0)
-        ratio = torch.where(falling, c / torch.where(drop > 0, drop, 1.0), math.inf)
-        theta, leaving = ratio.min(dim=-1)
-        moved = c + theta[:, None].clamp(max=1.0) * (w - c)
-        moved = torch.where(support & (idx != leaving[:, None]) & (moved > 0), moved, 0.0)
-        moved = moved / moved.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-
-        c = torch.where(settled[:, None], w, torch.where(minor[:, None], moved, c))
-        support = torch.where(minor[:, None], moved > 0, support)
-        major = (major & ~minor) | settled
-        steps = steps + solving.to(torch.int32)
-
-        # A cycle that did not lower the objective (rounding), or a dependent point, leaves
-        # the previous point, optimal to working precision.
-        gc = (g @ c[:, :, None])[..., 0]
-        value = (c * gc).sum(dim=-1)
-        revert = stuck | (settled & ~(value < saved_value))
-        back = revert[:, None]
-        c = torch.where(back, saved_c, c)
-        support = torch.where(back, saved_support, support)
-        gc = torch.where(back, saved_gc, gc)
-        value = torch.where(revert, saved_value, value)
-        done = done | revert
-        converged = converged | revert
-
-    weights = torch.where(finite[:, None], c, math.nan).to(gram.dtype)
-    return weights, steps, converged
 
 
 def _check_batch(gram: torch.Tensor) -> None:
@@ -412,11 +384,7 @@ def _check_batch(gram: torch.Tensor) -> None:
 def _min_norm_cuda(
     gram: torch.Tensor, max_iters: int, tol: float, method: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if method == "frank-wolfe":
-        return _frank_wolfe_triton(gram, max_iters, tol)
-    if method == "exact":
-        return _exact_batched(gram, max_iters)
-    raise ValueError(f"min_norm: method must be one of {METHODS}, got {method!r}")
+    return _min_norm_triton(gram, max_iters, tol, method)
 
 
 @torch.library.register_fake("mofast::min_norm")

@@ -1,8 +1,7 @@
 """min_norm: properties of the solution (simplex, KKT conditions, permutation and scale
-invariance, degenerate Grams), the exact method against quadprog, and the three
-implementations against each other: the native C++ op (CPU), the Triton Frank-Wolfe kernel
-(through the interpreter here) and the batched-torch exact method (the CUDA exact path,
-run here on the CPU).
+invariance, degenerate Grams), the exact method against quadprog, and the two
+implementations against each other: the native C++ op (the CPU path) and the Triton kernel
+(the CUDA path, through the interpreter here), for both methods.
 
 Tolerances, and why:
 - Everything is solved in float64 on G / max_i G_ii, so float64 answers carry ~1e-15
@@ -17,6 +16,10 @@ Tolerances, and why:
 
 import importlib
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -36,17 +39,7 @@ KS = [1, 2, 3, 5, 8, 17]
 DTYPES = [torch.float32, torch.float64]
 KKT_TOL = {torch.float64: 1e-11, torch.float32: 1e-6}
 SUM_TOL = {torch.float64: 1e-13, torch.float32: 1e-6}
-PATHS = ["native-frank-wolfe", "native-exact", "triton-frank-wolfe", "batched-exact"]
-
-
-@pytest.fixture
-def one_thread():
-    """The batched-torch path is meant for CUDA; on 2 shared CPU cores, OpenMP regions of
-    its tiny ops cost more than the ops, so run it on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+PATHS = ["native-frank-wolfe", "native-exact", "triton-frank-wolfe", "triton-exact"]
 
 
 def random_gram(batch: int, k: int, dim: int, dtype=torch.float64, spread: float = 0.0):
@@ -66,9 +59,9 @@ def solve(G: torch.Tensor, path: str, max_iters: int = 20) -> torch.Tensor:
     if path == "native-exact":
         return min_norm(G, method="exact")
     if path == "triton-frank-wolfe":
-        return M._frank_wolfe_triton(G, max_iters, 1e-8)[0]
-    if path == "batched-exact":
-        return M._exact_batched(G, M.exact_budget(k))[0]
+        return M._min_norm_triton(G, max_iters, 1e-8, "frank-wolfe")[0]
+    if path == "triton-exact":
+        return M._min_norm_triton(G, M.exact_budget(k), 0.0, "exact")[0]
     raise AssertionError(path)
 
 
@@ -221,14 +214,26 @@ def test_permutation_invariance(method):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_power_of_two_scales_give_identical_weights(path, dtype, one_thread):
-    # Gradient scales 2**-66 (~1.4e-20) .. 2**50 (~1.1e15) in float64; in float32 the Gram
-    # of 2**-66 gradients would be subnormal, so 2**-60 .. 2**60 (Grams 2**+-120, normal).
-    exponents = range(-66, 51, 29) if dtype == torch.float64 else range(-60, 61, 30)
+def test_power_of_two_scales_give_identical_weights(path, dtype):
+    # Gradient scales 2**-66 (~1.4e-20) .. 2**50 (~1.1e15), and 2**+-480 in float64. In
+    # float32 the Gram of 2**-66 gradients would be subnormal: 2**-60 .. 2**60 there.
+    if dtype == torch.float64:
+        exponents = [-480, -66, -37, -8, 21, 50, 480]
+    else:
+        exponents = [-60, -30, 0, 30, 60]
     G = random_gram(1, 5, 7).to(dtype)
     batch = torch.cat([G * 2.0 ** (2 * e) for e in exponents])
     c = solve(batch, path)
     assert torch.equal(c, c[:1].expand_as(c)), c
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_entries_near_the_largest_double_do_not_overflow(path):
+    # a + d - 2b of the two-point formula would overflow here without the normalisation.
+    huge = 0.6 * torch.finfo(torch.float64).max
+    G = torch.tensor([[[1.0, -0.5], [-0.5, 1.0]], [[1.0, 0.25], [0.25, 0.5]]], dtype=torch.float64)
+    want = torch.tensor([[0.5, 0.5], [0.25, 0.75]], dtype=torch.float64)
+    torch.testing.assert_close(solve(G * huge, path), want, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("method", ["frank-wolfe", "exact"])
@@ -242,17 +247,18 @@ def test_decimal_scales_of_the_gradients_give_the_same_weights(method):
     torch.testing.assert_close(c, c[:1].expand_as(c), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["frank-wolfe", "exact"])
-def test_rank_deficient_grams(method):
+@pytest.mark.parametrize("path", PATHS)
+def test_rank_deficient_grams(path):
     # More objectives than dimensions, and exact copies: the hull contains the origin or
     # lies in a low-dimensional subspace; the Gram is singular either way.
+    batch = 7 if path.startswith("native") else 3
     for k, d in ((8, 3), (17, 5), (5, 1)):
-        grads = torch.randn(7, k, d, dtype=torch.float64)
+        grads = torch.randn(batch, k, d, dtype=torch.float64)
         grads[:, -1] = grads[:, 0]
         G = grads @ grads.mT
-        c = min_norm(G, method=method)
+        c = solve(G, path)
         check_simplex(c)
-        if method == "exact":
+        if path.endswith("exact"):
             check_kkt(G, c)
             for b in range(G.shape[0]):
                 oracle, delta = quadprog_value(G[b])
@@ -291,7 +297,7 @@ def _special_pairs(dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_identical_colinear_opposite_and_zero_gradients(path, dtype, one_thread):
+def test_identical_colinear_opposite_and_zero_gradients(path, dtype):
     G, want = _special_pairs(dtype)
     c = solve(G, path)
     assert c.dtype == dtype
@@ -299,7 +305,7 @@ def test_identical_colinear_opposite_and_zero_gradients(path, dtype, one_thread)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_three_gradient_special_cases(path, one_thread):
+def test_three_gradient_special_cases(path):
     g = torch.randn(11, dtype=torch.float64)
     h = torch.randn(11, dtype=torch.float64)
     h = h - (h @ g) / (g @ g) * g  # orthogonal to g
@@ -318,7 +324,7 @@ def test_three_gradient_special_cases(path, one_thread):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_k1_gives_one(path, one_thread):
+def test_k1_gives_one(path):
     G = torch.tensor([[[2.5]], [[1e-30]], [[0.0]], [[7e20]]], dtype=torch.float64)
     c = solve(G, path)
     assert torch.equal(c, torch.ones(4, 1, dtype=torch.float64))
@@ -326,7 +332,7 @@ def test_k1_gives_one(path, one_thread):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_finite_gram_gives_nan_weights_and_leaves_the_rest(path, dtype, one_thread):
+def test_non_finite_gram_gives_nan_weights_and_leaves_the_rest(path, dtype):
     k = 5
     G = random_gram(6, k, 7, dtype)
     bad = G.clone()
@@ -409,7 +415,58 @@ def test_strided_input():
     assert not view.is_contiguous()
     for method in M.METHODS:
         assert torch.equal(min_norm(view, method=method), min_norm(G, method=method))
-    assert torch.equal(M._frank_wolfe_triton(view, 20, 1e-8)[0], solve(G, "triton-frank-wolfe"))
+    assert torch.equal(
+        M._min_norm_triton(view, 20, 1e-8, "frank-wolfe")[0], solve(G, "triton-frank-wolfe")
+    )
+
+
+@pytest.mark.parametrize("path", ["native-frank-wolfe", "native-exact", "triton-exact"])
+def test_a_slightly_asymmetric_gram_is_symmetrised(path):
+    # A Gram assembled from shards in another precision can differ from its transpose in
+    # the last bits; the solver uses (G + G^T) / 2.
+    G = random_gram(4, 6, 8)
+    noise = 1e-9 * torch.randn_like(G)
+    c = solve(G + noise - noise.mT, path)
+    torch.testing.assert_close(c, solve(G, path), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_for_a_cuda_target():
+    # No GPU here, but Triton can still lower the kernel to a cubin for sm_90, which catches
+    # what the interpreter lets through (types of loop-carried values, unsupported ops).
+    pytest.importorskip("triton.backends.nvidia")
+    script = textwrap.dedent(
+        """
+        import importlib
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        M = importlib.import_module("mofast.kernels.min_norm")
+        for ptr, block, exact in (("*fp32", 8, False), ("*fp64", 16, True)):
+            signature = {
+                "gram_ptr": ptr, "weights_ptr": ptr, "iters_ptr": "*i32",
+                "converged_ptr": "*i8", "k": "i32", "max_iters": "i32",
+                "stride_gb": "i32", "stride_gi": "i32", "stride_gj": "i32",
+                "stride_wb": "i32", "stride_wi": "i32", "tol": "fp32",
+                "EXACT": "constexpr", "GAP_REL_TOL": "constexpr",
+                "PIVOT_REL_TOL": "constexpr", "BLOCK_K": "constexpr",
+            }
+            constants = {
+                "EXACT": exact, "GAP_REL_TOL": M._GAP_REL_TOL,
+                "PIVOT_REL_TOL": M._PIVOT_REL_TOL, "BLOCK_K": block,
+            }
+            source = ASTSource(M._min_norm_kernel, signature, constexprs=constants)
+            out = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            assert len(out.asm["cubin"]) > 0
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_bad_input_raises_a_clear_error():
@@ -431,13 +488,13 @@ def test_bad_input_raises_a_clear_error():
     with pytest.raises(RuntimeError, match="method must be"):
         torch.ops.mofast.min_norm(G, 20, 1e-8, "newton")
     with pytest.raises(ValueError, match="k <= 64"):
-        M._frank_wolfe_triton(random_gram(1, 65, 3), 20, 1e-8)
+        M._min_norm_triton(random_gram(1, 65, 3), 20, 1e-8, "exact")
 
 
 def test_empty_batch():
     for method in M.METHODS:
         assert min_norm(torch.empty(0, 4, 4), method=method).shape == (0, 4)
-    assert M._frank_wolfe_triton(torch.empty(0, 4, 4), 20, 1e-8)[0].shape == (0, 4)
+    assert M._min_norm_triton(torch.empty(0, 4, 4), 20, 1e-8, "exact")[0].shape == (0, 4)
 
 
 def test_op_registration():
@@ -456,7 +513,7 @@ def test_triton_frank_wolfe_matches_native(k):
     for dtype in DTYPES if k in (3, 8) else [torch.float64]:
         G = random_gram(5, k, max(k - 2, 1) if k == 17 else k + 1, dtype, spread=1.0)
         with PoisonNew():
-            c, iterations, converged = M._frank_wolfe_triton(G, 20, 1e-8)
+            c, iterations, converged = M._min_norm_triton(G, 20, 1e-8, "frank-wolfe")
         ref, ref_iterations, ref_converged = torch.ops.mofast.min_norm(G, 20, 1e-8, "frank-wolfe")
         # The same float64 arithmetic in another order: weights agree to rounding.
         torch.testing.assert_close(c, ref, rtol=0, atol=SUM_TOL[dtype])
@@ -465,36 +522,37 @@ def test_triton_frank_wolfe_matches_native(k):
 
 
 @pytest.mark.parametrize("k", KS)
-def test_batched_exact_matches_native(k, one_thread):
-    G = random_gram(7, k, k + 2 if k < 17 else 6, spread=1.0)
+def test_triton_exact_matches_native(k):
+    budget = M.exact_budget(k)
+    # Full rank below k = 17 (a unique optimum); rank 6 at k = 17 (the origin is in the
+    # hull and many weight vectors are optimal, so only the values must agree).
+    G = random_gram(5, k, k + 2 if k < 17 else 6, spread=1.0)
     with PoisonNew():
-        c, steps, converged = M._exact_batched(G, M.exact_budget(k))
-    ref, ref_steps, ref_converged = torch.ops.mofast.min_norm(G, M.exact_budget(k), 0.0, "exact")
+        c, steps, converged = M._min_norm_triton(G, budget, 0.0, "exact")
+    ref, ref_steps, ref_converged = torch.ops.mofast.min_norm(G, budget, 0.0, "exact")
     check_simplex(c)
     check_kkt(G, c)
     scale = G.diagonal(dim1=-2, dim2=-1).amax(-1)
     assert ((value_of(G, c) - value_of(G, ref)).abs() <= 1e-13 * scale).all()
     assert converged.all() and ref_converged.all()
-    if k < 17:  # full rank: a unique optimum, reached by the same steps
+    if k < 17:
         torch.testing.assert_close(c, ref, rtol=0, atol=1e-10)
         assert torch.equal(steps, ref_steps)
 
 
-def test_no_host_sync(one_thread):
+def test_no_host_sync():
     G = random_gram(6, 5, 7).reshape(2, 3, 5, 5)
     with forbid_host_sync():
         for method in M.METHODS:
             min_norm(G, method=method, return_info=True)
             min_norm(G.float(), method=method)
-        M._exact_batched(G.reshape(6, 5, 5), M.exact_budget(5))
 
 
 def test_cpu_tensors_take_the_native_path(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a CUDA path ran for CPU tensors")
 
-    monkeypatch.setattr(M, "_frank_wolfe_triton", fail)
-    monkeypatch.setattr(M, "_exact_batched", fail)
+    monkeypatch.setattr(M, "_min_norm_triton", fail)
     table = torch._C._dispatch_dump_table("mofast::min_norm")
     assert "min_norm.cpp" in table.split("CPU: registered at")[1].splitlines()[0]
     for method in M.METHODS:
