@@ -15,7 +15,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DATA_MODES = ("pairs", "ultrafeedback", "cdpo")
-REFERENCE_MODES = ("precompute", "online")
+REFERENCE_MODES = ("auto", "precompute", "online")
 GRAD_DTYPES = ("float32", "bfloat16")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -67,11 +67,13 @@ class TrainConfig:
     grad_dtype: str = "float32"
     seed: int = 0
 
-    # Reference log-probabilities: precomputed once and cached on disk (keyed by the
-    # reference weights and the tokenised data), or computed online by a frozen copy of the
-    # model. `cache_dir` holds the tokenised pairs and the reference log-probs (default:
-    # `datasets`' cache for the pairs, ~/.cache/mofast for the log-probs).
-    reference: str = "precompute"
+    # Reference log-probabilities: `precompute` computes them once for every pair and caches
+    # them on disk (keyed by the reference weights and the tokenised data); `online` keeps a
+    # frozen copy of the model and computes them with each micro-batch; `auto` uses the cache
+    # when it exists, else whichever costs fewer forward passes for this run. `cache_dir`
+    # holds the tokenised pairs and the reference log-probs (default: `datasets`' cache for
+    # the pairs, ~/.cache/mofast for the log-probs).
+    reference: str = "auto"
     cache_dir: str | None = None
 
     # Outputs.

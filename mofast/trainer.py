@@ -431,10 +431,7 @@ class Trainer:
         self.reference_forwards = 0
         self.reference_model = None
         self.reference_table: dict[str, torch.Tensor] = {}
-        if config.reference == "online":
-            self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        else:
-            self._load_or_compute_reference()
+        self.reference_mode = self._setup_reference(config.reference)
 
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -507,11 +504,36 @@ class Trainer:
         root = Path(self.config.cache_dir) if self.config.cache_dir else _default_cache()
         return root / "reference" / f"{key}.pt"
 
-    def _load_or_compute_reference(self) -> None:
-        model_hash = weights_fingerprint(self.model)
+    def _setup_reference(self, mode: str) -> str:
+        """Load, compute or skip the reference log-prob tables; returns the mode in use.
+
+        `auto` loads a cached table when every objective has one, computes the tables when
+        the run reads at least as many pairs as they hold, and otherwise (a short run on a
+        large dataset) keeps a frozen copy of the model and computes them online.
+        """
+        model_hash = weights_fingerprint(self.model) if mode != "online" else ""
+        paths = {name: self._reference_cache_file(name, model_hash) for name in self.names}
+        if mode == "auto":
+            cached = all(path.is_file() for path in paths.values())
+            window = self.config.micro_batch * self.config.grad_accum
+            online_pairs = self.k * self.total_steps * window
+            table_pairs = sum(len(dataset) for dataset in self.datasets.values())
+            mode = "precompute" if cached or table_pairs <= online_pairs else "online"
+            logger.info(
+                "reference log-probs: %s (cached: %s; the run reads %d pairs, the data holds %d)",
+                mode,
+                cached,
+                online_pairs,
+                table_pairs,
+            )
+
+        if mode == "online":
+            self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            return mode
+
         self.model.eval()
         for name, dataset in self.datasets.items():
-            path = self._reference_cache_file(name, model_hash)
+            path = paths[name]
             if path.is_file():
                 table = torch.load(path, map_location="cpu", weights_only=True)
                 logger.info("objective %s: reference log-probs from cache %s", name, path)
@@ -525,6 +547,7 @@ class Trainer:
             if tuple(table.shape) != (len(dataset), 2):
                 raise ValueError(f"reference cache {path} has shape {tuple(table.shape)}")
             self.reference_table[name] = table.to(self.device)
+        return mode
 
     @torch.no_grad()
     def _compute_reference(self, dataset) -> torch.Tensor:

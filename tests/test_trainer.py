@@ -48,6 +48,7 @@ def tiny(cache_dir, **overrides) -> TrainConfig:
         grad_accum=2,
         lr=1e-3,
         warmup_ratio=0.0,
+        reference="precompute",
         cache_dir=str(cache_dir),
         log_every=1,
         plots=False,
@@ -280,6 +281,20 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path):
 
     other_data = Trainer(tiny(cache, max_pairs=5), tmp_path / "c")
     assert other_data.reference_forwards > 0, "other tokenised data is another cache entry"
+
+
+def test_auto_reference_uses_the_cache_or_the_cheaper_way(trainer, cache_dir, tmp_path):
+    short = dict(reference="auto", max_steps=1, micro_batch=2, grad_accum=1)
+    # The module's cache holds this data's tables: loaded, no forward pass.
+    cached = Trainer(tiny(cache_dir, **short), tmp_path / "cached")
+    assert cached.reference_mode == "precompute" and cached.reference_forwards == 0
+    for name in trainer.names:
+        assert torch.equal(cached.reference_table[name], trainer.reference_table[name])
+
+    # No cache, and one step reads 4 pairs of 24: a frozen copy computes them online.
+    fresh = Trainer(tiny(tmp_path / "empty-cache", **short), tmp_path / "fresh")
+    assert fresh.reference_mode == "online" and fresh.reference_model is not None
+    assert fresh.reference_forwards == 0 and not fresh.reference_table
 
 
 def _ultrafeedback_record(prompt, ratings, texts):
