@@ -31,7 +31,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 @dataclass(frozen=True)
 class Tiling:
-    """How the work is cut. The defaults suit an H200 (Triton) and a few CPU cores (torch).
+    """How the work is cut. The CPU defaults were measured on 2 cores; the CUDA tiles are
+    conventional sizes for bf16 on recent GPUs, not yet tuned on one.
 
     chunk_elements bounds the logits (or their gradient) held at once: tokens x vocabulary
     entries of one chunk. token_chunk caps the tokens of a CPU chunk. block_* are the Triton
@@ -422,10 +423,11 @@ def _check_tiling(tiling: Tiling) -> None:
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and isinstance(_logprobs_fwd_kernel, InterpretedFunction):
         return "upcast"
-    # float32 products follow torch's own switch, so the kernel is as exact as a torch matmul.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # float32 products follow torch's own switch, so the kernel is as exact as a torch matmul;
+    # for 16-bit operands the setting means nothing and Triton's default stands.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _sort_counted(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,6 +452,9 @@ def _forward_triton(
     vocab = weight.shape[0]
     slots = n_rows * seq_len
     order, count = _sort_counted(labels, ignore_index)
+    if slots == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+        return torch.zeros(n_rows, dtype=torch.float32, device=hidden.device), empty, order, count
 
     m_blocks = triton.cdiv(slots, tiling.block_m)
     splits = tiling.splits or triton.cdiv(_TARGET_PROGRAMS, m_blocks)
@@ -527,6 +532,12 @@ def _backward_triton(
     needs_h, needs_w, needs_b = needs
     if grad_weight is not None and (grad_weight.shape != weight.shape or not needs_w):
         raise ValueError("grad_weight must be a [V, H] buffer, and only when it is needed")
+    if slots == 0:
+        return (
+            torch.zeros_like(hidden) if needs_h else None,
+            torch.zeros_like(weight) if needs_w else None,
+            torch.zeros_like(bias) if needs_b else None,
+        )
 
     # One chunk of the logits' gradient, zero in the rows that no kernel ever writes.
     chunk = max(tiling.block_v, tiling.chunk_elements // max(slots, 1))
@@ -684,7 +695,10 @@ def _forward_torch(
             z = _chunk_logits(h[t0:t1], w, b, softcap)
             picked = z.gather(1, col[t0:t1]).squeeze(1)
             target[t0:t1] = torch.where(in_chunk[t0:t1], picked, target[t0:t1])
-            lse[t0:t1] = torch.logaddexp(lse[t0:t1], torch.logsumexp(z, dim=1))
+            # In place: the chunk is dead once its log-sum-exp is known.
+            top = z.amax(dim=1)
+            chunk_lse = z.sub_(top.unsqueeze(1)).exp_().sum(dim=1).log_().add_(top)
+            lse[t0:t1] = torch.logaddexp(lse[t0:t1], chunk_lse)
 
     per_token = torch.zeros(labels.shape, dtype=torch.float32)
     per_token[counted] = target - lse
@@ -703,7 +717,13 @@ def _backward_torch(
     needs: tuple[bool, bool, bool],
     tiling: Tiling,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_n grad_lp[n] * lp[n] with respect to (hidden, weight, bias)."""
+    """Gradients of sum_n grad_lp[n] * lp[n] with respect to (hidden, weight, bias).
+
+    Each chunk forms e = softmax - onehot (times the soft cap's derivative) with no
+    per-row factor: the upstream gradient g scales the rows of hidden before the weight
+    product and the hidden gradient once at the end, so a chunk costs one pass besides its
+    three products.
+    """
     needs_h, needs_w, needs_b = needs
     counted = labels != ignore_index
     h = hidden[counted].float()  # [M, H]
@@ -712,20 +732,22 @@ def _backward_torch(
     vocab, width = weight.shape
     tokens, chunk = _chunk_shape(h.shape[0], vocab, tiling)
 
-    grad_h = torch.zeros_like(h) if needs_h else None
+    hg = h * g.unsqueeze(1) if needs_w else None
+    sum_ew = torch.zeros_like(h) if needs_h else None  # sum over chunks of e @ w
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_w else None
     # A float32 weight takes its gradient in place; another dtype is summed in float32 first.
     scratch = None
     if needs_w and weight.dtype != torch.float32:
         scratch = torch.empty(chunk, width, dtype=torch.float32)
     grad_b = torch.zeros(vocab, dtype=torch.float32) if needs_b else None
+    neg_lse = lse.neg().unsqueeze(1)  # [M, 1]
 
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
         w = weight[v0:v1].float()
         b = bias[v0:v1].float() if bias is not None else None
         col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-        g_target = torch.where((y >= v0) & (y < v1), g, 0.0).unsqueeze(1)
+        minus_onehot = torch.where((y >= v0) & (y < v1), -1.0, 0.0).unsqueeze(1)
         block = None
         if needs_w:
             block = grad_w[v0:v1] if scratch is None else scratch[: v1 - v0]
@@ -733,24 +755,28 @@ def _backward_torch(
 
         for t0 in range(0, h.shape[0], tokens):
             t1 = min(t0 + tokens, h.shape[0])
-            z = h[t0:t1] @ w.T if b is None else torch.addmm(b, h[t0:t1], w.T)
-            cap = None
-            if softcap is not None:
-                cap = z.div_(softcap).tanh_()
-                z = cap * softcap
-
-            # g * (onehot - softmax), built in the logits' own buffer.
-            d = z.sub_(lse[t0:t1, None]).exp_().mul_(-g[t0:t1, None])
-            d.scatter_add_(1, col[t0:t1], g_target[t0:t1])
-            if cap is not None:
-                d.mul_(cap.square_().neg_().add_(1.0))
+            if softcap is None:
+                # z - lse straight out of the product, when there is no bias to add first.
+                if b is None:
+                    e = torch.addmm(neg_lse[t0:t1], h[t0:t1], w.T)
+                else:
+                    e = torch.addmm(b, h[t0:t1], w.T).add_(neg_lse[t0:t1])
+                e.exp_()
+                e.scatter_add_(1, col[t0:t1], minus_onehot[t0:t1])
+            else:
+                cap = torch.mm(h[t0:t1], w.T) if b is None else torch.addmm(b, h[t0:t1], w.T)
+                cap.div_(softcap).tanh_()
+                e = torch.add(neg_lse[t0:t1], cap, alpha=softcap).exp_()
+                e.scatter_add_(1, col[t0:t1], minus_onehot[t0:t1])
+                # d c tanh(u / c) / du = 1 - tanh^2
+                e.addcmul_(e, cap.square_(), value=-1.0)
 
             if needs_h:
-                grad_h[t0:t1].addmm_(d, w)
+                sum_ew[t0:t1].addmm_(e, w)
             if needs_w:
-                block.addmm_(d.T, h[t0:t1])
+                block.addmm_(e.T, hg[t0:t1], alpha=-1.0)
             if needs_b:
-                grad_b[v0:v1] += d.sum(dim=0)
+                grad_b[v0:v1].addmv_(e.T, g[t0:t1], alpha=-1.0)
 
         if scratch is not None:
             grad_w[v0:v1].copy_(block)
@@ -758,7 +784,7 @@ def _backward_torch(
     grad_hidden = None
     if needs_h:
         grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        grad_hidden[counted] = grad_h.to(hidden.dtype)
+        grad_hidden[counted] = sum_ew.mul_(g.neg().unsqueeze(1)).to(hidden.dtype)
     grad_bias = grad_b.to(bias.dtype) if needs_b else None
     return grad_hidden, grad_w, grad_bias
 
@@ -816,6 +842,8 @@ def _check_inputs(
 ) -> None:
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
+    if hidden.shape[2] == 0:
+        raise ValueError("hidden has no features (H = 0)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(
             f"weight must be [V, H] with H = {hidden.shape[2]}, got shape {tuple(weight.shape)}"
