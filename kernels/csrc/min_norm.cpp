@@ -55,8 +55,8 @@ inline double two_point_weight(double a, double b, double d) {
 // Buffers of one thread, sized once per chunk of problems.
 struct Workspace {
   explicit Workspace(int64_t k)
-      : g(k * k), c(k), gc(k), w(k), saved_c(k), chol(k * k), rhs(k), support(k),
-        saved_support(k), in_support(k) {}
+      : g(k * k), c(k), gc(k), w(k), saved_c(k), chol(k * k), inv_pivot(k), rhs(k),
+        support(k), saved_support(k), in_support(k) {}
 
   std::vector<double> g;        // [k, k] normalised, symmetrised Gram matrix
   std::vector<double> c;        // [k] current weights
@@ -64,6 +64,7 @@ struct Workspace {
   std::vector<double> w;        // [k] affine min-norm weights of the support
   std::vector<double> saved_c;  // [k] weights before the current major cycle
   std::vector<double> chol;     // [k, k] Cholesky factor of the support's relative Gram
+  std::vector<double> inv_pivot;  // [k] 1 / its diagonal: multiplying is cheaper than dividing
   std::vector<double> rhs;      // [k] right-hand side, then solution, of the affine system
   std::vector<int64_t> support;        // indices with c > 0, in the order they joined
   std::vector<int64_t> saved_support;  // support before the current major cycle
@@ -183,6 +184,7 @@ bool affine_min_norm(int64_t k, int64_t m, int64_t valid_rows, Workspace& ws) {
   const double* g = ws.g.data();
   const int64_t* s = ws.support.data();
   double* chol = ws.chol.data();
+  double* inv = ws.inv_pivot.data();
   double* mu = ws.rhs.data();
   const int64_t r = s[0];
   const double grr = g[r * k + r];
@@ -196,11 +198,12 @@ bool affine_min_norm(int64_t k, int64_t m, int64_t valid_rows, Workspace& ws) {
       double v = g[pa * k + pb] - gar - g[r * k + pb] + grr;
       for (int64_t l = 0; l < b; ++l) v -= chol[a * k + l] * chol[b * k + l];
       if (b < a) {
-        chol[a * k + b] = v / chol[b * k + b];
+        chol[a * k + b] = v * inv[b];
       } else {
         const double own = g[pa * k + pa] - 2.0 * gar + grr;
         if (!(v > kPivotRelTol * own)) return false;
         chol[a * k + a] = std::sqrt(v);
+        inv[a] = 1.0 / chol[a * k + a];
       }
     }
   }
@@ -210,12 +213,12 @@ bool affine_min_norm(int64_t k, int64_t m, int64_t valid_rows, Workspace& ws) {
   for (int64_t a = 0; a < n; ++a) {
     double v = mu[a];
     for (int64_t l = 0; l < a; ++l) v -= chol[a * k + l] * mu[l];
-    mu[a] = v / chol[a * k + a];
+    mu[a] = v * inv[a];
   }
   for (int64_t a = n - 1; a >= 0; --a) {
     double v = mu[a];
     for (int64_t l = a + 1; l < n; ++l) v -= chol[l * k + a] * mu[l];
-    mu[a] = v / chol[a * k + a];
+    mu[a] = v * inv[a];
   }
 
   double rest = 1.0;
@@ -227,16 +230,11 @@ bool affine_min_norm(int64_t k, int64_t m, int64_t valid_rows, Workspace& ws) {
   return true;
 }
 
-void refresh_gc(int64_t k, int64_t m, Workspace& ws) {
+// G c as a dense product: for the small k of alignment work it vectorises better than a
+// gather over the support.
+void refresh_gc(int64_t k, Workspace& ws) {
   const double* g = ws.g.data();
-  for (int64_t t = 0; t < k; ++t) {
-    double v = 0.0;
-    for (int64_t a = 0; a < m; ++a) {
-      const int64_t p = ws.support[a];
-      v += g[t * k + p] * ws.c[p];
-    }
-    ws.gc[t] = v;
-  }
+  for (int64_t t = 0; t < k; ++t) ws.gc[t] = dot(g + t * k, ws.c.data(), k);
 }
 
 // Wolfe's algorithm from the best-pair start. One iteration is one affine solve (a major
@@ -321,7 +319,7 @@ Outcome wolfe(int64_t k, int64_t budget, Workspace& ws) {
       for (int64_t a = 0; a < m; ++a) c[ws.support[a]] /= total;
     }
 
-    refresh_gc(k, m, ws);
+    refresh_gc(k, ws);
     const double next_value = dot(c, ws.gc.data(), k);
     // Rounding can leave a cycle that does not lower the objective; the previous point is
     // then optimal to working precision.
