@@ -13,7 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def requires_cuda(test):
+    """Mark a GPU-only test: skipped with a reason here, selected by `pytest -m gpu` there."""
+    skip = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
 
 
 @pytest.fixture(autouse=True)

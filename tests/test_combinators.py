@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 from mofast.kernels import min_norm
 from sync_guard import forbid_host_sync
 
@@ -328,7 +329,7 @@ def test_weights_never_synchronise_with_the_host(dtype):
         assert c.dtype == dtype and torch.isfinite(c).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_weights_match_the_cpu_and_stay_on_the_device():
     k = 5
     grads = torch.randn(k, 301)
