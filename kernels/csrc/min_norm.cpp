@@ -39,8 +39,10 @@ constexpr double kPivotRelTol = 1e-12;
 // The exact method stops when the duality gap c^T G c - min_t (G c)_t is this small
 // relative to the largest squared norm involved: the rounding error of (G c) itself.
 constexpr double kGapRelTol = 1e-14;
-// Enough threads' worth of work per chunk that a single small problem stays on one thread.
-constexpr int64_t kGrainProblems = 64;
+// Problems per thread at least (~0.5 ms of work at k = 8): a small batch, the trainer's
+// single problem above all, stays on the calling thread, where a parallel region on a
+// loaded machine can cost milliseconds of waiting for a core.
+constexpr int64_t kGrainProblems = 512;
 
 enum class Method { kFrankWolfe, kExact };
 
