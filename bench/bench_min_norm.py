@@ -60,7 +60,10 @@ def random_problems(n: int, k: int, seed: int) -> torch.Tensor:
     grads[:low, :, 5:] = 0.0
     grads[low:deficient, -1] = grads[low:deficient, 0]
     grads[low:deficient, -2] = 2.0 * grads[low:deficient, 1]
-    return grads @ grads.mT
+
+    # Shuffled, so the first problems (the per-problem baselines' subset) are a fair sample.
+    order = torch.randperm(n, generator=gen)
+    return (grads @ grads.mT)[order]
 
 
 def values(G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
