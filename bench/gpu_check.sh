@@ -50,9 +50,9 @@ step gpu-tests 120 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 # ----------------------------------------------------------------------------
 #  Kernel benchmarks: correctness first, then time against their baselines
 # ----------------------------------------------------------------------------
-step bench-gram 45 "$PY" bench/bench_gram.py --repeats 20
+step bench-gram 40 "$PY" bench/bench_gram.py --repeats 20
 step bench-combine 30 "$PY" bench/bench_combine.py --repeats 20
-step bench-min-norm 30 "$PY" bench/bench_min_norm.py --problems 2000 --subset 100
+step bench-min-norm 45 "$PY" bench/bench_min_norm.py --problems 2000 --subset 100
 step bench-logprobs 45 "$PY" bench/bench_logprobs.py --device cuda
 if "$PY" -c "import datasets" 2>/dev/null; then
   step bench-e2e 45 "$PY" bench/bench_e2e.py --device cuda

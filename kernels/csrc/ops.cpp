@@ -10,7 +10,8 @@ TORCH_LIBRARY(mofast, m) {
   m.def("gram(Tensor[] shards) -> Tensor");
   // grads: [k, P], weights: float32 [k], out: [P] (any float dtype) <- sum_i w_i grads[i]
   m.def("combine(Tensor grads, Tensor weights, Tensor(a!) out) -> ()");
-  // gram: [B, k, k] float32 -> weights [B, k] float32 on the simplex
+  // gram: [B, k, k] float32/float64 -> (weights [B, k] on the simplex, iterations int32 [B],
+  // converged bool [B])
   m.def("min_norm(Tensor gram, int max_iters, float tol, str method) -> (Tensor, Tensor, Tensor)");
 }
 
