@@ -31,6 +31,8 @@ class TrainConfig:
     model: str | None = None
     tokenizer: str | None = None
     device: str = "auto"
+    # CPU threads for torch (None: torch's default, one per core).
+    threads: int | None = None
     dtype: str = "auto"
     attn_implementation: str = "auto"
     liger: str = "auto"
@@ -106,7 +108,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_pairs"):
+        for name in ("max_steps", "max_pairs", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 or null, got {getattr(self, name)}")
         if self.save_every < 0 or self.keep_checkpoints < 1:

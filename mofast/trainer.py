@@ -391,6 +391,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
 
         self.device = resolve_device(config.device)
         self.tokenizer = load_tokenizer(config)
