@@ -217,7 +217,7 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
             dest=field.name,
             metavar="VALUE",
             default=argparse.SUPPRESS,
-            help=f"(default {default!r})",
+            help=f"(recipe default {default!r})",
         )
 
 

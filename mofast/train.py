@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in RUN_DIR from its latest checkpoint",
     )
     add_field_arguments(parser)
+    parser.epilog = (
+        "The defaults shown are the recipe's (SPEC section 5). Without --config, a run starts "
+        f"from the shipped {DEFAULT_CONFIG}.yaml (the embedded real run) instead. A VALUE is "
+        "read as YAML: null, true, 3e-6, {name: file.jsonl}."
+    )
 
 
 def _new_run_dir(combinator: str) -> Path:

@@ -165,6 +165,28 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
     assert any(not torch.equal(a, p) for a, p in zip(weights, trainer.buffers.params, strict=True))
 
 
+def test_bfloat16_buffers_accumulate_through_hooks(cache_dir, tmp_path):
+    fp32 = Trainer(tiny(cache_dir), tmp_path / "fp32")
+    bf16 = Trainer(tiny(cache_dir, grad_dtype="bfloat16"), tmp_path / "bf16")
+    assert bf16.buffers.uses_hooks and bf16.buffers.rows.dtype == torch.bfloat16
+    assert bf16.buffers.flat.dtype == torch.float32
+
+    window = fp32.sampler.window(0, 0)
+    expected = fp32.accumulate_gradients(fp32.prepare(window))
+    got = bf16.accumulate_gradients(bf16.prepare(window))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # losses: same forward
+
+    # Two micro-batches accumulated in bf16: a few bf16 roundings of each element.
+    rows, reference = bf16.buffers.rows.float(), fp32.buffers.rows
+    scale = reference.abs().amax(dim=1, keepdim=True)
+    assert torch.all((rows - reference).abs() <= 2**-6 * scale)
+    assert all(p.grad is not None for p in bf16.buffers.params)
+
+    record = bf16.apply_update(got[:, 0])
+    k = bf16.k
+    assert record[2 * k + k * k] == 0 and torch.isfinite(record).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient buffers, backend selection, configuration
 
