@@ -20,7 +20,13 @@ from sync_guard import forbid_host_sync
 
 from mofast import config as config_module
 from mofast.config import TrainConfig, from_dict
-from mofast.trainer import GradientBuffers, Trainer, select_backend
+from mofast.trainer import (
+    GradientBuffers,
+    Trainer,
+    build_objectives,
+    model_location,
+    select_backend,
+)
 
 LN2 = math.log(2)
 
@@ -356,6 +362,41 @@ def test_cdpo_mode_trains_one_objective_on_summed_scores(tmp_path, cache_dir):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert first["weights"] == {"cdpo": 1.0} and abs(first["losses"]["cdpo"] - LN2) < 1e-6
+
+
+def test_ultrafeedback_mode_builds_one_objective_per_aspect(tmp_path, cache_dir):
+    from transformers import AutoTokenizer
+
+    from mofast.assets import STORIES260K
+
+    ratings = [[5, "N/A", 4, 5], [2, 3, 2, 1], [4, 4, 4, 4], [1, 1, 2, 1]]
+    texts = ["Red.", "Blue.", "Green!", "Ok"]
+    records = [_ultrafeedback_record(f"Name a colour ({i}).", ratings, texts) for i in range(8)]
+    path = tmp_path / "uf.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    config = tiny(cache_dir, data_mode="ultrafeedback", dataset=str(path), max_pairs=None,
+                  test_fraction=0.25)  # fmt: skip
+    datasets, drops = build_objectives(config, AutoTokenizer.from_pretrained(STORIES260K))
+    assert list(datasets) == ["helpfulness", "honesty", "instruction_following", "truthfulness"]
+    # 6 train prompts of 8. Honesty: an "N/A" takes one completion out of its 3 pairs;
+    # instruction following: two tied pairs of 6.
+    assert len(datasets["helpfulness"]) == 6 * 6
+    assert len(datasets["honesty"]) == 6 * 3 and drops["honesty"]["missing_rating"] == 8 * 3
+    assert len(datasets["instruction_following"]) == 6 * 4
+    assert drops["instruction_following"]["tie"] == 8 * 2
+
+
+def test_model_location_of_folders_hub_ids_and_gguf_files(tmp_path):
+    from mofast.assets import STORIES260K
+
+    assert model_location(None) == (str(STORIES260K), {})
+    assert model_location("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", {})
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert model_location(str(gguf)) == (str(tmp_path), {"gguf_file": "m.Q4_1.gguf"})
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        model_location(str(tmp_path / "missing.gguf"))
 
 
 def test_fit_writes_metrics_plots_tensorboard_and_the_final_model(tmp_path, cache_dir):
