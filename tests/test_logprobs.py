@@ -439,6 +439,7 @@ def _materialised_from_logits(logits, labels):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_cuda_bf16_real_size_within_twice_torch_error():
     N, T, H, V = 4, 512, 896, 151936
