@@ -389,6 +389,11 @@ class Trainer:
 
         self.config = config
         self.run_dir = Path(run_dir)
+        if not resume and checkpoint.list_checkpoints(self.run_dir):
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints of a run: resume it with "
+                "--resume, or choose another --output-dir"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         if config.threads is not None:
@@ -554,9 +559,12 @@ class Trainer:
     @torch.no_grad()
     def _compute_reference(self, dataset) -> torch.Tensor:
         """[pairs, 2] float32 (chosen, rejected) reference log-probs of every pair."""
+        from tqdm.auto import tqdm
+
         rows = []
         size = 2 * self.config.micro_batch
-        for start in range(0, len(dataset), size):
+        starts = range(0, len(dataset), size)
+        for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False):
             batch = self._collate(dataset[start : start + size], None)
             logps = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
             self.reference_forwards += 1
