@@ -7,7 +7,8 @@ one complete, never a half-written `step-N` that a resume could load. Leftover t
 folders are ignored and removed by the next save.
 
 Layout of `RUN_DIR/checkpoints/step-00000012/`:
-    model.safetensors   the policy's weights (tied weights stored once)
+    model.safetensors   the policy's weights (tied weights stored once; a full state dict
+                        gathered from FSDP shards is stored as given)
     state.pt            optimiser, scheduler, combinator, sampler position, RNG states,
                         trainer counters (plain tensors and containers: weights_only loads)
 """
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -78,15 +79,22 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int = 2
+    run_dir: str | Path, step: int, model: torch.nn.Module | dict, state: dict, keep: int = 2
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the `keep` newest; returns its folder."""
+    """Write checkpoint `step` atomically and keep only the `keep` newest; returns its folder.
+
+    `model` is the module, or a full state dict of plain tensors (gathered FSDP shards).
+    """
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     folder = checkpoint_dir(run_dir)
@@ -94,10 +102,22 @@ def save_checkpoint(
     for stale in folder.glob(f"{_TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    final = folder / f"step-{step:08d}"
+    final = folder / step_name(step)
     tmp = folder / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if isinstance(model, dict):
+        # Tied weights gathered from shards arrive as separate copies; safetensors refuses
+        # tensors that share memory, so any that do are copied apart.
+        seen: set[int] = set()
+        weights = {}
+        for name, tensor in model.items():
+            tensor = tensor.detach().contiguous()
+            pointer = tensor.untyped_storage().data_ptr()
+            weights[name] = tensor.clone() if pointer in seen else tensor
+            seen.add(pointer)
+        save_file(weights, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")
     _fsync_tree(tmp)
 
@@ -117,12 +137,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Load the weights of checkpoint folder `path` into `model`; return its state dict."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module | None) -> dict:
+    """Load the weights of checkpoint folder `path` into `model` (unless None); return its
+    state dict."""
     path = Path(path)
     if not _NAME.match(path.name) or not (path / "state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete mofast checkpoint folder")
+    if model is None:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: {missing} {unexpected}")
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint folder `path` as a state dict of CPU tensors."""
+    return load_file(str(Path(path) / "model.safetensors"))

@@ -20,6 +20,7 @@ GRAD_DTYPES = ("float32", "bfloat16")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 SWITCHES = ("auto", "on", "off")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclasses.dataclass
@@ -37,6 +38,10 @@ class TrainConfig:
     attn_implementation: str = "auto"
     liger: str = "auto"
     gradient_checkpointing: bool = False
+    # Several processes launched by torchrun: `ddp` (replicated weights, gradients averaged
+    # per objective) or `fsdp` (FSDP2 shards; the Gram matrix is summed over shards with one
+    # all-reduce of k*k floats). `micro_batch` is then per rank (mofast/distributed.py).
+    parallel: str = "none"
 
     # Data. `pairs`: one {prompt, chosen, rejected} dataset per objective (`objectives`
     # maps a name to a local JSON/JSONL/Parquet file or a hub name; None means the shipped
@@ -99,6 +104,7 @@ class TrainConfig:
             "dtype": MODEL_DTYPES,
             "attn_implementation": ATTENTION,
             "liger": SWITCHES,
+            "parallel": PARALLEL,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mofast import checkpoint, dpo
+from mofast import checkpoint, distributed, dpo
 from mofast.config import TrainConfig, dump_yaml
 
 logger = logging.getLogger(__name__)
@@ -220,8 +220,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_final_model(model, tokenizer, out_dir: Path) -> None:
-    """Hugging Face format (safetensors) with the tokenizer.
+def save_final_model(model, tokenizer, out_dir: Path, weights: dict | None = None) -> None:
+    """Hugging Face format (safetensors) with the tokenizer; `weights` (a full state dict,
+    e.g. gathered from FSDP shards) replaces the model's own state dict when given.
 
     transformers cannot save a model loaded from GGUF directly; its weights are copied into a
     freshly built model of the same configuration first (done for every model: it is cheap
@@ -234,7 +235,7 @@ def save_final_model(model, tokenizer, out_dir: Path) -> None:
         if hasattr(config, attribute):
             setattr(config, attribute, None)
     fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    fresh.load_state_dict(model.state_dict())
+    fresh.load_state_dict(model.state_dict() if weights is None else weights)
     fresh.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -251,34 +252,44 @@ class GradientBuffers:
     buffer's dtype differs from the parameters', `.grad` cannot be such a view; then a
     post-accumulate-grad hook adds each parameter's fresh gradient into row i (converting
     the dtype) and frees it, which costs one temporary gradient per parameter.
+
+    Parameters sharded by FSDP2 (DTensors) contribute their local shards: P is this rank's
+    share, and each `.grad` is a DTensor over a view of the buffer, which FSDP's
+    reduce-scatter accumulates into in place.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], k: int, dtype: torch.dtype):
         if not params:
             raise ValueError("the model has no trainable parameters")
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
+        local = [_local_tensor(p) for p in params]
+        dtypes = {t.dtype for t in local}
+        devices = {t.device for t in local}
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"parameters must share one dtype and device, got {dtypes} {devices}")
 
         self.params = params
         self.k = k
-        self.numel = sum(p.numel() for p in params)
-        device, param_dtype = params[0].device, params[0].dtype
+        self.numel = sum(t.numel() for t in local)
+        device, param_dtype = local[0].device, local[0].dtype
+        sharded = any(t is not p for t, p in zip(local, params, strict=True))
+        if sharded and dtype != param_dtype:
+            raise ValueError(
+                f"sharded parameters need gradient buffers in their own dtype ({param_dtype}), "
+                f"got grad_dtype {dtype}: set grad_dtype to match the model's dtype"
+            )
         self.rows = torch.zeros(k, self.numel, dtype=dtype, device=device)
         self.flat = torch.zeros(self.numel, dtype=param_dtype, device=device)
 
         offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
+        for t in local:
+            offsets.append(offsets[-1] + t.numel())
         spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+        triples = list(zip(params, local, spans, strict=True))
         self._row_views = [
-            [self.rows[i, a:b].view_as(p) for p, (a, b) in zip(params, spans, strict=True)]
+            [_as_grad(p, self.rows[i, a:b].view_as(t)) for p, t, (a, b) in triples]
             for i in range(k)
         ]
-        self._flat_views = [
-            self.flat[a:b].view_as(p) for p, (a, b) in zip(params, spans, strict=True)
-        ]
+        self._flat_views = [_as_grad(p, self.flat[a:b].view_as(t)) for p, t, (a, b) in triples]
 
         self.uses_hooks = dtype != param_dtype
         self._active: int | None = None
@@ -319,6 +330,28 @@ class GradientBuffers:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _local_tensor(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _as_grad(param: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """`view` as a gradient for `param`: a DTensor with the parameter's layout if it is one."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return view
+    return DTensor.from_local(
+        view,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +421,7 @@ class Trainer:
         from mofast.combinators import make_combinator
 
         self.config = config
+        self.context = distributed.setup(config.parallel)
         self.run_dir = Path(run_dir)
         if not resume and checkpoint.list_checkpoints(self.run_dir):
             raise FileExistsError(
@@ -399,7 +433,7 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
 
-        self.device = resolve_device(config.device)
+        self.device = distributed.device_of(self.context, resolve_device(config.device))
         self.tokenizer = load_tokenizer(config)
         self.model, self.backend = load_model(config, self.device)
         logger.info(
@@ -426,9 +460,11 @@ class Trainer:
             )
 
         self.collator = data.PairCollator.for_tokenizer(self.tokenizer)
+        # With several ranks `micro_batch` is per rank: the sampler draws global micro-batches
+        # and each rank takes its slice (`prepare`), so every rank runs the same step count.
         self.sampler = data.MultiObjectiveSampler(
             {name: len(ds) for name, ds in self.datasets.items()},
-            micro_batch=config.micro_batch,
+            micro_batch=config.micro_batch * self.context.world_size,
             grad_accum=config.grad_accum,
             seed=config.seed,
         )
@@ -441,6 +477,17 @@ class Trainer:
         self.reference_mode = self._setup_reference(config.reference)
 
         self.model.train()
+        self.policy = None
+        if self.context.parallel != "none":
+            self.policy = distributed.wrap(self.model, self.context, self.device)
+            logger.info(
+                "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch",
+                self.context.parallel,
+                self.context.world_size,
+                self.context.rank,
+                self.sampler.micro_batch,
+            )
+        self.comm_bytes = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffers = GradientBuffers(params, self.k, _GRAD_DTYPES[config.grad_dtype])
         logger.info(
@@ -488,12 +535,13 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
             self._resume()
-        else:
+        elif self.context.is_main:
             self.metrics_path.write_text("")
-        dump_yaml(config, self.run_dir / "config.yaml")
+        if self.context.is_main:
+            dump_yaml(config, self.run_dir / "config.yaml")
 
         self._writer = None
-        if config.tensorboard:
+        if config.tensorboard and self.context.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
@@ -522,7 +570,7 @@ class Trainer:
         paths = {name: self._reference_cache_file(name, model_hash) for name in self.names}
         if mode == "auto":
             cached = all(path.is_file() for path in paths.values())
-            window = self.config.micro_batch * self.config.grad_accum
+            window = self.sampler.window_size
             online_pairs = self.k * self.total_steps * window
             table_pairs = sum(len(dataset) for dataset in self.datasets.values())
             mode = "precompute" if cached or table_pairs <= online_pairs else "online"
@@ -593,9 +641,12 @@ class Trainer:
     def prepare(self, window: dict[str, list[list[int]]]) -> list[list[MicroBatch]]:
         """The micro-batches of one optimiser step, per objective (host work, then copies)."""
         batches = []
+        rank, share = self.context.rank, self.config.micro_batch
         for name in self.names:
             micro = []
             for indices in window[name]:
+                if self.context.world_size > 1:
+                    indices = indices[rank * share : (rank + 1) * share]
                 reference = None
                 if self.reference_table:
                     index = torch.tensor(indices, dtype=torch.long).to(self.device)
@@ -607,7 +658,10 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
 
     def _pair_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        policy = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+        if self.policy is None:
+            policy = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+        else:
+            policy = self.policy(batch.input_ids, batch.labels)
         if batch.reference is not None:
             return policy, batch.reference
         with torch.no_grad():
@@ -617,7 +671,12 @@ class Trainer:
 
     def accumulate_gradients(self, batches: list[list[MicroBatch]]) -> torch.Tensor:
         """Fill buffer row i with objective i's window gradient; returns [k, 3] float32
-        (window loss, mean margin, reward accuracy) per objective, on the device."""
+        (window loss, mean margin, reward accuracy) per objective, on the device.
+
+        With several ranks these are this rank's own pairs: the gradient reduction averages
+        the rows over ranks (equal shares, so the mean over the global window), and
+        `apply_update` averages the statistics.
+        """
         self.buffers.zero_()
         stats = []
         for i, micro_batches in enumerate(batches):
@@ -625,13 +684,15 @@ class Trainer:
             window_pairs = sum(mb.pairs for mb in micro_batches)
             totals = torch.zeros(3, dtype=torch.float32, device=self.device)
 
-            for mb in micro_batches:
+            for index, mb in enumerate(micro_batches):
                 policy, reference = self._pair_logps(mb)
                 b = mb.pairs
                 losses, margins = dpo.dpo_losses(
                     policy[:b], policy[b:], reference[:b], reference[b:], self.config.beta
                 )
-                (losses.sum() / window_pairs).backward()
+                last = index == len(micro_batches) - 1
+                with distributed.gradient_sync(self.policy, self.context, last):
+                    (losses.sum() / window_pairs).backward()
                 with torch.no_grad():
                     totals += torch.stack(
                         [losses.sum(), margins.sum(), (margins > 0).float().sum()]
@@ -640,11 +701,13 @@ class Trainer:
         self.buffers.point_at_flat()
         return torch.stack(stats)
 
-    def apply_update(self, losses: torch.Tensor) -> torch.Tensor:
+    def apply_update(self, losses: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """gram -> combinator -> combine -> AdamW (skipped on the device when not finite).
 
         Returns the step's record: float32 [k + k + k*k + 1] = losses, coefficients, Gram,
-        skipped flag.
+        skipped flag, then `extra` ([k, s] further per-objective statistics) flattened.
+        With several ranks the partial Gram (fsdp), the losses and `extra` are all-reduced in
+        one call before the combinator (distributed.reduce_combine_inputs).
         """
         # The op modules, not the package: once a module such as mofast.kernels.gram is
         # imported, the package attribute `gram` is that module rather than the function.
@@ -653,6 +716,10 @@ class Trainer:
 
         rows = self.buffers.rows
         G = gram(rows)
+        if self.context.parallel != "none":
+            stats = losses[:, None] if extra is None else torch.cat([losses[:, None], extra], 1)
+            G, stats, self.comm_bytes = distributed.reduce_combine_inputs(G, stats, self.context)
+            losses, extra = stats[:, 0], (None if extra is None else stats[:, 1:])
         c = self.combinator.weights(losses, G)
         combine(rows, c, out=self.buffers.flat)
 
@@ -661,13 +728,15 @@ class Trainer:
         self.optimizer.found_inf = skipped
         self.optimizer.step()
         self.scheduler.step()
-        return torch.cat([losses.float(), c.float(), G.float().flatten(), skipped[None]])
+        record = [losses.float(), c.float(), G.float().flatten(), skipped[None]]
+        if extra is not None:
+            record.append(extra.float().flatten())
+        return torch.cat(record)
 
     def train_step(self, batches: list[list[MicroBatch]]) -> torch.Tensor:
         """One optimiser step; returns the device-side record (see `_decode`)."""
         stats = self.accumulate_gradients(batches)
-        record = self.apply_update(stats[:, 0])
-        return torch.cat([record, stats[:, 1:].flatten()])
+        return self.apply_update(stats[:, 0], stats[:, 1:])
 
     def _decode(self, row: list[float]) -> dict:
         k = self.k
@@ -704,20 +773,26 @@ class Trainer:
         tokens_per_s = sum(tokens for _, tokens, _, _ in self._pending) / elapsed
 
         written = []
-        with open(self.metrics_path, "a") as f:
-            for (step, tokens, lr, _), row in zip(self._pending, rows, strict=True):
-                entry = {"step": step, "lr": lr, "tokens": tokens, "tokens_per_s": tokens_per_s}
-                entry.update(self._decode(row))
-                self.skipped_total += int(entry["skipped"])
-                entry["skipped_total"] = self.skipped_total
-                f.write(json.dumps(entry) + "\n")
-                written.append(entry)
+        for (step, tokens, lr, _), row in zip(self._pending, rows, strict=True):
+            entry = {"step": step, "lr": lr, "tokens": tokens, "tokens_per_s": tokens_per_s}
+            if self.context.parallel != "none":
+                entry["comm_bytes"] = self.comm_bytes
+            entry.update(self._decode(row))
+            self.skipped_total += int(entry["skipped"])
+            entry["skipped_total"] = self.skipped_total
+            written.append(entry)
+
+        # Every rank decodes (the skip counter is part of the checkpoint); rank 0 writes.
+        if self.context.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.writelines(json.dumps(entry) + "\n" for entry in written)
+            for entry in written:
                 if entry["skipped"]:
                     logger.warning(
                         "step %d skipped: non-finite loss, gradient or coefficient "
                         "(%d skipped so far)",
-                        step,
-                        self.skipped_total,
+                        entry["step"],
+                        entry["skipped_total"],
                     )
                 self._log_tensorboard(entry)
 
@@ -737,30 +812,44 @@ class Trainer:
         self._writer.add_scalar("train/skipped_total", entry["skipped_total"], step)
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0, with FSDP's shards gathered first); returns its folder."""
         self.flush_metrics()
+        weights, optimizer_state = distributed.full_state(self.model, self.optimizer, self.context)
         state = {
             "step": self.step,
             "skipped_total": self.skipped_total,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "combinator": self.combinator.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": checkpoint.rng_state(),
             "names": self.names,
         }
-        return checkpoint.save_checkpoint(
-            self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints
-        )
+        path = checkpoint.checkpoint_dir(self.run_dir) / checkpoint.step_name(self.step)
+        if self.context.is_main:
+            source = weights if self.context.sharded else self.model
+            path = checkpoint.save_checkpoint(
+                self.run_dir, self.step, source, state, keep=self.config.keep_checkpoints
+            )
+        distributed.barrier(self.context)
+        return path
 
     def _resume(self) -> None:
         path = checkpoint.latest_checkpoint(self.run_dir)
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir}")
-        state = checkpoint.load_checkpoint(path, self.model)
+        if self.context.sharded:
+            state = checkpoint.load_checkpoint(path, None)
+            weights = checkpoint.load_weights(path)
+            distributed.load_full_state(
+                self.model, self.optimizer, weights, state["optimizer"], self.context
+            )
+        else:
+            state = checkpoint.load_checkpoint(path, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         if state["names"] != self.names:
             raise ValueError(f"checkpoint objectives {state['names']} differ from {self.names}")
 
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.combinator.load_state_dict(state["combinator"])
         self.sampler.load_state_dict(state["sampler"])
@@ -770,11 +859,12 @@ class Trainer:
 
         # Steps after the checkpoint were lost with the process; they will be redone.
         kept = []
-        if self.metrics_path.is_file():
+        if self.context.is_main and self.metrics_path.is_file():
             for line in self.metrics_path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= self.step:
                     kept.append(line + "\n")
-        self.metrics_path.write_text("".join(kept))
+        if self.context.is_main:
+            self.metrics_path.write_text("".join(kept))
         logger.info("resumed from %s at step %d", path, self.step)
 
     def fit(self) -> Path:
@@ -798,7 +888,13 @@ class Trainer:
         start_step = self.step
         started = time.perf_counter()
         self._interval_start = started
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.context.is_main,
+        )
 
         with logging_redirect_tqdm():
             while self.step < self.total_steps:
@@ -836,16 +932,25 @@ class Trainer:
         return self.run_dir
 
     def finish(self) -> None:
+        """Plots and the final model, written by rank 0 (FSDP's shards gathered first)."""
         if self._writer is not None:
             self._writer.close()
+        weights = None
+        if self.config.save_model and self.context.sharded:
+            weights, _ = distributed.full_state(self.model, self.optimizer, self.context)
+        if not self.context.is_main:
+            distributed.barrier(self.context)
+            return
+
         if self.config.plots and self.metrics_path.stat().st_size:
             from mofast.plots import plot_run
 
             written = plot_run(self.metrics_path, self.run_dir / "plots")
             logger.info("plots: %s", ", ".join(str(p) for p in written))
         if self.config.save_model:
-            save_final_model(self.model, self.tokenizer, self.run_dir / "model")
+            save_final_model(self.model, self.tokenizer, self.run_dir / "model", weights)
             logger.info("final model saved in %s", self.run_dir / "model")
+        distributed.barrier(self.context)
 
 
 def _default_cache() -> Path:
