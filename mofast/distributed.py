@@ -190,13 +190,21 @@ def full_state(model: torch.nn.Module, optimizer, context: Context) -> tuple[dic
 def load_full_state(
     model: torch.nn.Module, optimizer, weights: dict, optim_state: dict, context: Context
 ) -> None:
-    """Load full (unsharded) model and optimiser state dicts, sharding them under fsdp."""
+    """Load full (unsharded) model and optimiser state dicts, sharding them under fsdp.
+
+    Under fsdp the parameters' `.grad` are cleared: point them at the buffers again.
+    """
     if not context.sharded:
         model.load_state_dict(weights)
         optimizer.load_state_dict(optim_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    # torch initialises an empty optimiser state with one zero step, but only when no
+    # parameter has a gradient; the caller points `.grad` back at its buffers afterwards.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
     options = StateDictOptions(full_state_dict=True)
     set_state_dict(
         model, optimizer, model_state_dict=weights, optim_state_dict=optim_state, options=options

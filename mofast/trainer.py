@@ -844,6 +844,7 @@ class Trainer:
             distributed.load_full_state(
                 self.model, self.optimizer, weights, state["optimizer"], self.context
             )
+            self.buffers.point_at_flat()
         else:
             state = checkpoint.load_checkpoint(path, self.model)
             self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,179 @@
+"""Two ranks on the CPU (gloo): FSDP2 and DDP against one process with the same global batch.
+
+The shipped stories260K model and real pairs, tiny (12 pairs of at most 32 tokens per
+objective, 3 steps of mgda-decoupled). One spawn of two processes runs every distributed
+case in turn, so the process start and imports are paid once.
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mofast import distributed
+from mofast.config import from_dict
+from mofast.trainer import Trainer
+
+WORLD = 2
+STEPS = 3
+MODES = ("fsdp", "ddp")
+
+
+def _config(cache_dir, output_dir, **overrides):
+    values = dict(
+        max_pairs=12,
+        max_length=32,
+        micro_batch=2,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        max_steps=STEPS,
+        epochs=2,
+        combinator="mgda-decoupled",
+        reference="precompute",
+        cache_dir=str(cache_dir),
+        output_dir=str(output_dir),
+        threads=1,
+        log_every=1,
+        plots=False,
+        save_model=False,
+        tensorboard=False,
+    )
+    values.update(overrides)
+    return from_dict(values)
+
+
+def _fit_recording(trainer: Trainer) -> list[torch.Tensor]:
+    """Run `fit` and return every step's device-side record as this rank saw it."""
+    records = []
+    step = trainer.train_step
+
+    def recording(batches):
+        records.append(step(batches).clone())
+        return records[-1]
+
+    trainer.train_step = recording
+    trainer.fit()
+    return records
+
+
+def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    weights, _ = distributed.full_state(trainer.model, trainer.optimizer, trainer.context)
+    return {name: tensor.detach().clone() for name, tensor in weights.items()}
+
+
+def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for mode in MODES:
+            run_dir = os.path.join(root, mode)
+            trainer = Trainer(_config(cache_dir, run_dir, parallel=mode, save_every=2), run_dir)
+            records = _fit_recording(trainer)
+            out[mode] = {"records": records, "weights": _full_weights(trainer)}
+
+        # Resume the FSDP run from its step-2 checkpoint (sharded state gathered on save).
+        run_dir = os.path.join(root, "fsdp")
+        config = _config(cache_dir, run_dir, parallel="fsdp", save_every=2)
+        resumed = Trainer(config, run_dir, resume=True)
+        out["resumed"] = {"step": resumed.step}
+        resumed.fit()
+        out["resumed"]["weights"] = _full_weights(resumed)
+        torch.save(out, os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process run with the global batch, then the two-rank runs."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    root = tmp_path_factory.mktemp("ranks")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single_dir = root / "single"
+        single = Trainer(_config(cache_dir, single_dir, micro_batch=2 * WORLD), single_dir)
+        single_records = _fit_recording(single)
+        single_weights = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+
+    mp.spawn(
+        _worker,
+        args=(str(root / "init"), str(cache_dir), str(root)),
+        nprocs=WORLD,
+        join=True,
+    )
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return {"root": root, "records": single_records, "weights": single_weights, "ranks": ranks}
+
+
+def _assert_close_weights(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, reference in expected.items():
+        # The sums run in another order (per-rank means, then the average over ranks); one
+        # Adam step of lr 1e-3 moves a weight by up to about 1e-3, so 1e-5 is far below it.
+        torch.testing.assert_close(got[name], reference, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_coefficients_are_bit_identical_on_every_rank(runs, mode):
+    first, second = (runs["ranks"][r][mode]["records"] for r in range(WORLD))
+    assert len(first) == len(second) == STEPS
+    for a, b in zip(first, second, strict=True):
+        # The whole record: losses, coefficients, Gram matrix, skipped flag, statistics.
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_match_one_process_with_the_same_global_batch(runs, mode):
+    k = 2
+    for got, expected in zip(runs["ranks"][0][mode]["records"], runs["records"], strict=True):
+        losses, weights = got[:k], got[k : 2 * k]
+        torch.testing.assert_close(losses, expected[:k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights, expected[k : 2 * k], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(weights, torch.full_like(weights, 1 / k))
+
+    # FSDP gathers the full weights on rank 0 only; DDP holds them on every rank.
+    for rank in range(WORLD) if mode == "ddp" else [0]:
+        _assert_close_weights(runs["ranks"][rank][mode]["weights"], runs["weights"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rank_zero_logs_the_bytes_of_the_one_all_reduce(runs, mode):
+    k = 2
+    lines = (runs["root"] / mode / "metrics.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [e["step"] for e in entries] == list(range(1, STEPS + 1))
+
+    # fsdp: the k*k partial Gram plus 3k statistics; ddp: the statistics only (float32).
+    statistics = 3 * k * 4
+    expected = k * k * 4 + statistics if mode == "fsdp" else statistics
+    assert all(e["comm_bytes"] == expected for e in entries)
+    assert all(math.isfinite(e["losses"][n]) for e in entries for n in e["losses"])
+
+
+def test_fsdp_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs):
+    assert [runs["ranks"][rank]["resumed"]["step"] for rank in range(WORLD)] == [2] * WORLD
+    resumed = runs["ranks"][0]["resumed"]["weights"]
+    uninterrupted = runs["ranks"][0]["fsdp"]["weights"]
+    assert resumed.keys() == uninterrupted.keys() and uninterrupted
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_parallel_mode_needs_a_process_group_and_several_ranks_need_a_mode(monkeypatch):
+    with pytest.raises(ValueError, match="torchrun"):
+        distributed.setup("fsdp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="parallel is 'none'"):
+        distributed.setup("none")
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        distributed.setup("zero3")
