@@ -1,7 +1,7 @@
 """End-to-end step time of every combinator at k = 4 against `uniform`, through the Trainer.
 
     python bench/bench_e2e.py [--quick] [--device cpu|cuda] [--layers 2] [--max-length 128]
-                              [--pairs 1] [--repeats 2]
+                              [--pairs 1] [--repeats 3]
 
 The model is a randomly initialised Qwen2.5-0.5B-Instruct-shaped network (hidden 896, 14
 heads, 2 KV heads, intermediate 4864, vocabulary 151,936, tied embeddings) cut to `--layers`
@@ -240,15 +240,15 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 2)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per row (128)")
     parser.add_argument("--pairs", type=int, default=1, help="pairs per objective and step")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per combinator")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per combinator (3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     layers = args.layers or (1 if args.quick else 2)
     max_length = args.max_length or (32 if args.quick else 128)
-    repeats = args.repeats or (1 if args.quick else 2)
-    update_repeats = 1 if args.quick else 4
+    repeats = args.repeats or (1 if args.quick else 3)
+    update_repeats = 1 if args.quick else 8
     k = 4
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,7 +353,8 @@ def run(trainer, device: torch.device, repeats: int, update_repeats: int) -> tup
         trainer.apply_update(losses)
 
     for round_index in range(repeats):
-        order = COMBINATORS[round_index % len(COMBINATORS) :] + COMBINATORS[:round_index]
+        turn = round_index % len(COMBINATORS)
+        order = COMBINATORS[turn:] + COMBINATORS[:turn]
         for name in order:
             trainer.combinator = combinators[name]
             stats, seconds = timed(lambda: trainer.accumulate_gradients(batches), device)

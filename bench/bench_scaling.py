@@ -1,7 +1,7 @@
 """The combine step (gram + solve + combine) against k at a fixed parameter count, and TorchJD.
 
     python bench/bench_scaling.py [--quick] [--device cpu|cuda] [--P N] [--k 2 4 ... 64]
-                                  [--repeats 3]
+                                  [--repeats 5]
 
 For each k in {2, 4, 8, 16, 32, 64}, on one [k, P] float32 buffer of gradients (the layout
 the trainer accumulates into), timed side by side:
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="P = 1,000,003 and one round")
     parser.add_argument("--P", type=int, default=None, help="parameters (10M CPU, 166M GPU)")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
@@ -198,7 +198,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
     # The GPU default is the 2-layer Qwen2.5-0.5B-shaped model's parameter count.
     P = args.P or (1_000_003 if args.quick else (165_960_320 if on_gpu else 10_000_019))
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 5)
     if any(k < 2 for k in args.k):
         raise SystemExit(f"k must be at least 2 for a combine step worth timing, got {args.k}")
 
