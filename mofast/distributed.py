@@ -178,12 +178,19 @@ def full_state(model: torch.nn.Module, optimizer, context: Context) -> tuple[dic
 
     Under fsdp the shards are gathered with torch.distributed.checkpoint's full-state
     options; other ranks get empty dicts. Without sharding it is the ordinary state dicts.
+    `optimizer` None gathers the model's weights only (the second dict is then empty).
     """
     if not context.sharded:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return model.state_dict(), ({} if optimizer is None else optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), {}
     return get_state_dict(model, optimizer, options=options)
 
 

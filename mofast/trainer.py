@@ -422,6 +422,9 @@ class Trainer:
 
         self.config = config
         self.context = distributed.setup(config.parallel)
+        if not self.context.is_main:
+            # Every rank would repeat rank 0's progress messages; warnings still show.
+            logging.getLogger("mofast").setLevel(logging.WARNING)
         self.run_dir = Path(run_dir)
         if not resume and checkpoint.list_checkpoints(self.run_dir):
             raise FileExistsError(
@@ -490,6 +493,13 @@ class Trainer:
         self.comm_bytes = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffers = GradientBuffers(params, self.k, _GRAD_DTYPES[config.grad_dtype])
+        if self.buffers.uses_hooks and self.context.parallel != "none":
+            # DDP reduces the `.grad` autograd leaves behind, which the hooks have moved away.
+            raise ValueError(
+                f"parallel {config.parallel!r} needs gradient buffers in the model's dtype "
+                f"({self.backend.dtype}), got grad_dtype {config.grad_dtype}: set grad_dtype "
+                "to match (e.g. --grad-dtype bfloat16 with a bfloat16 model)"
+            )
         logger.info(
             "gradient buffers: %d objectives x %d parameters in %s = %.1f MiB "
             "(+ %.1f MiB flat gradient)%s",
@@ -938,7 +948,7 @@ class Trainer:
             self._writer.close()
         weights = None
         if self.config.save_model and self.context.sharded:
-            weights, _ = distributed.full_state(self.model, self.optimizer, self.context)
+            weights, _ = distributed.full_state(self.model, None, self.context)
         if not self.context.is_main:
             distributed.barrier(self.context)
             return

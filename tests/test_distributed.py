@@ -8,6 +8,9 @@ case in turn, so the process start and imports are paid once.
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,7 +65,7 @@ def _fit_recording(trainer: Trainer) -> list[torch.Tensor]:
 
 
 def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    weights, _ = distributed.full_state(trainer.model, trainer.optimizer, trainer.context)
+    weights, _ = distributed.full_state(trainer.model, None, trainer.context)
     return {name: tensor.detach().clone() for name, tensor in weights.items()}
 
 
@@ -84,6 +87,15 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
         out["resumed"] = {"step": resumed.step}
         resumed.fit()
         out["resumed"]["weights"] = _full_weights(resumed)
+
+        # Gradient buffers in another dtype than the weights' are refused by name.
+        out["refused"] = {}
+        for mode in MODES:
+            run_dir = os.path.join(root, f"bf16-{mode}")
+            try:
+                Trainer(_config(cache_dir, run_dir, parallel=mode, grad_dtype="bfloat16"), run_dir)
+            except ValueError as error:
+                out["refused"][mode] = str(error)
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -167,6 +179,69 @@ def test_fsdp_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs)
     assert resumed.keys() == uninterrupted.keys() and uninterrupted
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_buffers_in_another_dtype_than_the_weights_are_refused(runs, mode):
+    for rank in range(WORLD):
+        assert "grad_dtype" in runs["ranks"][rank]["refused"][mode]
+
+
+def test_torchrun_launches_the_cli_and_rank_zero_alone_writes_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mofast",
+        "train",
+        "--parallel",
+        "ddp",
+        "--max-pairs",
+        "8",
+        "--max-length",
+        "32",
+        "--micro-batch",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "2",
+        "--threads",
+        "1",
+        "--reference",
+        "online",
+        "--output-dir",
+        str(run_dir),
+        "--plots",
+        "false",
+        "--tensorboard",
+        "false",
+        "--log-every",
+        "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries] == [1, 2]
+    assert all(e["comm_bytes"] == 3 * 2 * 4 for e in entries)
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert "ddp" in (run_dir / "config.yaml").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_parallel_mode_needs_a_process_group_and_several_ranks_need_a_mode(monkeypatch):
