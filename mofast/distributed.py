@@ -100,11 +100,19 @@ class PolicyLogps(torch.nn.Module):
         return dpo.sequence_logps(self.policy, input_ids, labels)
 
 
-def wrap(model: torch.nn.Module, context: Context, device: torch.device) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module,
+    context: Context,
+    device: torch.device,
+    master_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """The module the training forward passes go through (DDP, FSDP2, or the logps module).
 
     Under fsdp the model's parameters become DTensor shards in place (each decoder layer is
-    its own FSDP group; the embeddings, final norm and head form the root group).
+    its own FSDP group; the embeddings, final norm and head form the root group). With
+    `master_dtype` (fsdp only) the shards are kept in that dtype (e.g. float32 master weights
+    of a bfloat16 model): FSDP gathers them in the model's dtype for the forward and backward
+    and reduce-scatters the gradients in `master_dtype`.
     """
     module = PolicyLogps(model)
     if context.parallel == "ddp":
@@ -121,9 +129,20 @@ def wrap(model: torch.nn.Module, context: Context, device: torch.device) -> torc
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (context.world_size,))
+        options = {"mesh": mesh}
+        if master_dtype is not None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            compute_dtype = next(model.parameters()).dtype
+            model.to(master_dtype)
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=compute_dtype, reduce_dtype=master_dtype
+            )
         for layer in getattr(model.get_decoder(), "layers", []):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+            fully_shard(layer, **options)
+        fully_shard(module, **options)
+    elif master_dtype is not None:
+        raise ValueError(f"master weights in another dtype need fsdp, not {context.parallel!r}")
     return module
 
 

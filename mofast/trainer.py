@@ -234,7 +234,8 @@ def save_final_model(model, tokenizer, out_dir: Path, weights: dict | None = Non
     for attribute in ("_attn_implementation", "_attn_implementation_internal"):
         if hasattr(config, attribute):
             setattr(config, attribute, None)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    dtype = model.dtype if not weights else next(iter(weights.values())).dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fresh.load_state_dict(model.state_dict() if weights is None else weights)
     fresh.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -481,8 +482,15 @@ class Trainer:
 
         self.model.train()
         self.policy = None
+        grad_dtype = _GRAD_DTYPES[config.grad_dtype]
         if self.context.parallel != "none":
-            self.policy = distributed.wrap(self.model, self.context, self.device)
+            # FSDP can keep float32 master shards of a lower-precision model, so its gradient
+            # shards (and buffers) are float32 views, as the recipe's float32 buffers want.
+            master = self.context.sharded and grad_dtype == torch.float32
+            master = master and self.backend.dtype != torch.float32
+            self.policy = distributed.wrap(
+                self.model, self.context, self.device, torch.float32 if master else None
+            )
             logger.info(
                 "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch",
                 self.context.parallel,
@@ -492,7 +500,7 @@ class Trainer:
             )
         self.comm_bytes = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.buffers = GradientBuffers(params, self.k, _GRAD_DTYPES[config.grad_dtype])
+        self.buffers = GradientBuffers(params, self.k, grad_dtype)
         if self.buffers.uses_hooks and self.context.parallel != "none":
             # DDP reduces the `.grad` autograd leaves behind, which the hooks have moved away.
             raise ValueError(
@@ -949,6 +957,8 @@ class Trainer:
         weights = None
         if self.config.save_model and self.context.sharded:
             weights, _ = distributed.full_state(self.model, None, self.context)
+            # Float32 master shards (distributed.wrap) are saved in the model's own dtype.
+            weights = {name: t.to(self.backend.dtype) for name, t in weights.items()}
         if not self.context.is_main:
             distributed.barrier(self.context)
             return

@@ -88,6 +88,18 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
         resumed.fit()
         out["resumed"]["weights"] = _full_weights(resumed)
 
+        # A bfloat16 model under fsdp keeps float32 master shards, so float32 buffers work.
+        run_dir = os.path.join(root, "master")
+        config = _config(
+            cache_dir, run_dir, parallel="fsdp", dtype="bfloat16", save_model=True, max_steps=2
+        )
+        trainer = Trainer(config, run_dir)
+        out["master"] = {
+            "records": _fit_recording(trainer),
+            "dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+            "buffer": str(trainer.buffers.rows.dtype),
+        }
+
         # Gradient buffers in another dtype than the weights' are refused by name.
         out["refused"] = {}
         for mode in MODES:
@@ -179,6 +191,21 @@ def test_fsdp_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs)
     assert resumed.keys() == uninterrupted.keys() and uninterrupted
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_fsdp_keeps_float32_master_shards_of_a_bfloat16_model(runs):
+    first, second = (runs["ranks"][r]["master"] for r in range(WORLD))
+    assert first["dtypes"] == ["torch.float32"] and first["buffer"] == "torch.float32"
+    assert len(first["records"]) == 2
+    for a, b in zip(first["records"], second["records"], strict=True):
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+    # Step 1 starts at the reference: every loss is ln 2 up to bfloat16 rounding.
+    assert torch.allclose(first["records"][0][:2], torch.full((2,), math.log(2)), atol=0.02)
+
+    saved = runs["root"] / "master" / "model" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(saved).values()} == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("mode", MODES)
