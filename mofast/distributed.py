@@ -105,6 +105,7 @@ def wrap(
     context: Context,
     device: torch.device,
     master_dtype: torch.dtype | None = None,
+    frozen: bool = False,
 ) -> torch.nn.Module:
     """The module the training forward passes go through (DDP, FSDP2, or the logps module).
 
@@ -112,9 +113,13 @@ def wrap(
     its own FSDP group; the embeddings, final norm and head form the root group). With
     `master_dtype` (fsdp only) the shards are kept in that dtype (e.g. float32 master weights
     of a bfloat16 model): FSDP gathers them in the model's dtype for the forward and backward
-    and reduce-scatters the gradients in `master_dtype`.
+    and reduce-scatters the gradients in `master_dtype`. A `frozen` model (the online
+    reference) is only sharded (never DDP) and its root group is resharded after each forward
+    too, since no backward follows.
     """
     module = PolicyLogps(model)
+    if frozen and not context.sharded:
+        return module
     if context.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -140,10 +145,17 @@ def wrap(
             )
         for layer in getattr(model.get_decoder(), "layers", []):
             fully_shard(layer, **options)
-        fully_shard(module, **options)
+        fully_shard(module, reshard_after_forward=True if frozen else None, **options)
     elif master_dtype is not None:
         raise ValueError(f"master weights in another dtype need fsdp, not {context.parallel!r}")
     return module
+
+
+def reshard(module: torch.nn.Module | None, context: Context) -> None:
+    """Free FSDP's gathered root parameters after forwards with no backward (the root keeps
+    them after its forward for the backward that usually follows)."""
+    if context.sharded and module is not None:
+        module.reshard()
 
 
 def gradient_sync(module: torch.nn.Module, context: Context, last: bool):

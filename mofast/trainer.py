@@ -161,8 +161,9 @@ def load_tokenizer(config: TrainConfig):
     return AutoTokenizer.from_pretrained(location, **kwargs)
 
 
-def load_model(config: TrainConfig, device: torch.device):
-    """The policy model on `device` with the selected backend; returns (model, backend)."""
+def load_model(config: TrainConfig, device: torch.device, *, move: bool = True):
+    """The policy model with the backend selected for `device`, moved there unless `move` is
+    False (FSDP moves only each rank's shards); returns (model, backend)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dpo.register_causal_attention()
@@ -182,7 +183,8 @@ def load_model(config: TrainConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=backend.dtype, attn_implementation=backend.attn_implementation, **kwargs
     )
-    model.to(device)
+    if move:
+        model.to(device)
     if backend.liger:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
@@ -439,7 +441,7 @@ class Trainer:
 
         self.device = distributed.device_of(self.context, resolve_device(config.device))
         self.tokenizer = load_tokenizer(config)
-        self.model, self.backend = load_model(config, self.device)
+        self.model, self.backend = load_model(config, self.device, move=not self.context.sharded)
         logger.info(
             "model %s on %s: %s, attention %s, liger %s, %.1fM parameters",
             config.model or "stories260K (shipped)",
@@ -478,26 +480,11 @@ class Trainer:
         self.reference_forwards = 0
         self.reference_model = None
         self.reference_table: dict[str, torch.Tensor] = {}
+        self.policy = None
+        grad_dtype = _GRAD_DTYPES[config.grad_dtype]
         self.reference_mode = self._setup_reference(config.reference)
 
         self.model.train()
-        self.policy = None
-        grad_dtype = _GRAD_DTYPES[config.grad_dtype]
-        if self.context.parallel != "none":
-            # FSDP can keep float32 master shards of a lower-precision model, so its gradient
-            # shards (and buffers) are float32 views, as the recipe's float32 buffers want.
-            master = self.context.sharded and grad_dtype == torch.float32
-            master = master and self.backend.dtype != torch.float32
-            self.policy = distributed.wrap(
-                self.model, self.context, self.device, torch.float32 if master else None
-            )
-            logger.info(
-                "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch",
-                self.context.parallel,
-                self.context.world_size,
-                self.context.rank,
-                self.sampler.micro_batch,
-            )
         self.comm_bytes = 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffers = GradientBuffers(params, self.k, grad_dtype)
@@ -586,8 +573,12 @@ class Trainer:
         """
         model_hash = weights_fingerprint(self.model) if mode != "online" else ""
         paths = {name: self._reference_cache_file(name, model_hash) for name in self.names}
+        # Rank 0 decides for every rank: under fsdp the computation is collective, so all
+        # ranks must compute the same tables (a cache written meanwhile must not split them).
+        present = {name: path.is_file() for name, path in paths.items()}
+        present = distributed.broadcast_object(present, self.context)
         if mode == "auto":
-            cached = all(path.is_file() for path in paths.values())
+            cached = all(present.values())
             window = self.sampler.window_size
             online_pairs = self.k * self.total_steps * window
             table_pairs = sum(len(dataset) for dataset in self.datasets.values())
@@ -602,12 +593,20 @@ class Trainer:
 
         if mode == "online":
             self.reference_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if self.context.sharded:
+                self.reference_model = distributed.wrap(
+                    self.reference_model, self.context, self.device, frozen=True
+                )
+            self._wrap_policy()
             return mode
 
+        # With several ranks the tables come from the wrapped policy (under fsdp the full
+        # model never sits on one device); every rank computes them in lockstep.
+        self._wrap_policy()
         self.model.eval()
         for name, dataset in self.datasets.items():
             path = paths[name]
-            if path.is_file():
+            if present[name]:
                 table = torch.load(path, map_location="cpu", weights_only=True)
                 logger.info("objective %s: reference log-probs from cache %s", name, path)
             else:
@@ -620,7 +619,27 @@ class Trainer:
             if tuple(table.shape) != (len(dataset), 2):
                 raise ValueError(f"reference cache {path} has shape {tuple(table.shape)}")
             self.reference_table[name] = table.to(self.device)
+        distributed.reshard(self.policy, self.context)
         return mode
+
+    def _wrap_policy(self) -> None:
+        """Put the model under DDP or FSDP (several ranks only); sets `self.policy`."""
+        if self.context.parallel == "none":
+            return
+        # FSDP can keep float32 master shards of a lower-precision model, so its gradient
+        # shards (and buffers) are float32 views, as the recipe's float32 buffers want.
+        master = self.context.sharded and self.config.grad_dtype == "float32"
+        master = master and self.backend.dtype != torch.float32
+        self.policy = distributed.wrap(
+            self.model, self.context, self.device, torch.float32 if master else None
+        )
+        logger.info(
+            "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch",
+            self.context.parallel,
+            self.context.world_size,
+            self.context.rank,
+            self.sampler.micro_batch,
+        )
 
     @torch.no_grad()
     def _compute_reference(self, dataset) -> torch.Tensor:
@@ -632,7 +651,10 @@ class Trainer:
         starts = range(0, len(dataset), size)
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False):
             batch = self._collate(dataset[start : start + size], None)
-            logps = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+            if self.policy is None:
+                logps = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
+            else:
+                logps = self.policy(batch.input_ids, batch.labels)
             self.reference_forwards += 1
             rows.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
         return torch.cat(rows)
@@ -683,7 +705,10 @@ class Trainer:
         if batch.reference is not None:
             return policy, batch.reference
         with torch.no_grad():
-            reference = dpo.sequence_logps(self.reference_model, batch.input_ids, batch.labels)
+            if isinstance(self.reference_model, distributed.PolicyLogps):
+                reference = self.reference_model(batch.input_ids, batch.labels)
+            else:
+                reference = dpo.sequence_logps(self.reference_model, batch.input_ids, batch.labels)
         self.reference_forwards += 1
         return policy, reference
 

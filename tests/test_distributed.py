@@ -215,6 +215,7 @@ def test_buffers_in_another_dtype_than_the_weights_are_refused(runs, mode):
 
 
 def test_torchrun_launches_the_cli_and_rank_zero_alone_writes_the_run(tmp_path):
+    # FSDP with an online reference: a sharded frozen copy runs beside the policy.
     run_dir = tmp_path / "run"
     command = [
         sys.executable,
@@ -230,7 +231,7 @@ def test_torchrun_launches_the_cli_and_rank_zero_alone_writes_the_run(tmp_path):
         "mofast",
         "train",
         "--parallel",
-        "ddp",
+        "fsdp",
         "--max-pairs",
         "8",
         "--max-length",
@@ -260,9 +261,10 @@ def test_torchrun_launches_the_cli_and_rank_zero_alone_writes_the_run(tmp_path):
 
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in entries] == [1, 2]
-    assert all(e["comm_bytes"] == 3 * 2 * 4 for e in entries)
+    assert all(e["comm_bytes"] == (2 * 2 + 3 * 2) * 4 for e in entries)
+    assert entries[0]["losses"] == pytest.approx({n: math.log(2) for n in entries[0]["losses"]})
     assert (run_dir / "model" / "model.safetensors").is_file()
-    assert "ddp" in (run_dir / "config.yaml").read_text()
+    assert "parallel: fsdp" in (run_dir / "config.yaml").read_text()
 
 
 def _free_port() -> int:
