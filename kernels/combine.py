@@ -41,13 +41,14 @@ def _round_to_bf16(x):
 def _combine_kernel(
     # pointers
     grads_ptr,  # [k, P] column stride 1, row stride stride_row
-    weights_ptr,  # [k] float32
+    weights_ptr,  # [k] any float dtype, stride stride_w
     out_ptr,  # [P] contiguous, in the output dtype
     # sizes
     k,
     P,
     # strides
     stride_row,
+    stride_w,
     # constexpr
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -63,7 +64,8 @@ def _combine_kernel(
     for start in range(0, k, ROWS):
         rows = start + r  # [ROWS]
         row_mask = rows < k
-        w = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)  # [ROWS]
+        w = tl.load(weights_ptr + rows * stride_w, mask=row_mask, other=0.0)  # [ROWS]
+        w = w.to(ACC_DTYPE)
         ptrs = grads_ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)  # [ROWS, BLOCK]
@@ -125,6 +127,44 @@ def _check_combine(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tensor
             f"combine: grads, weights and out must be on one device, got {grads.device}, "
             f"{weights.device} and {out.device}"
         )
+    if out.requires_grad:
+        raise ValueError(
+            "combine: out requires grad; combine is not differentiable and cannot write "
+            "into a tensor that autograd tracks (pass a .grad buffer or a detached tensor)"
+        )
+    _check_overlap(grads, out)
+
+
+def _check_overlap(grads: torch.Tensor, out: torch.Tensor) -> None:
+    """out may be exactly one row of grads, or apart from them, but not partly over them.
+
+    Blocks of P are written as soon as they are summed; a partial overlap would let one
+    block's result land in gradients that another block has not read yet. Only pointers
+    are compared, so nothing waits for the device.
+    """
+    k, P = grads.shape
+    if P == 0:
+        return
+    size = grads.element_size()
+    row_bytes = P * size
+    step = grads.stride(0) * size
+    first = grads.data_ptr()
+    begin = first + min(0, (k - 1) * step)
+    end = first + max(0, (k - 1) * step) + row_bytes
+    out_begin = out.data_ptr()
+    out_end = out_begin + P * out.element_size()
+    if out_end <= begin or end <= out_begin:
+        return
+
+    for i in range(k):
+        row_begin = first + i * step
+        if out_begin < row_begin + row_bytes and row_begin < out_end:
+            if row_begin == out_begin and out.dtype == grads.dtype:
+                continue
+            raise ValueError(
+                f"combine: out overlaps gradient row {i} without being that row; it must be "
+                "exactly one row of grads (same start and dtype) or apart from them"
+            )
 
 
 def _combine_triton(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
@@ -146,6 +186,7 @@ def _combine_triton(grads: torch.Tensor, weights: torch.Tensor, out: torch.Tenso
         k=k,
         P=P,
         stride_row=grads.stride(0),
+        stride_w=weights.stride(0),
         ROWS=rows,
         BLOCK=_BLOCK,
         ACC_DTYPE=acc_dtype,
@@ -172,6 +213,10 @@ def _weights_for(c: torch.Tensor | Sequence[float], grads: torch.Tensor) -> torc
     weights = torch.as_tensor(c, device=grads.device)
     if not weights.is_floating_point():
         raise TypeError(f"combine: c must be floating point, got {weights.dtype}")
+    if weights.shape != grads.shape[:1]:
+        raise ValueError(
+            f"combine: c must have shape [k] = [{grads.shape[0]}], got {tuple(weights.shape)}"
+        )
     return weights.to(torch.float32)
 
 

@@ -152,6 +152,41 @@ def test_out_may_alias_a_gradient_row(path):
 
 
 @pytest.mark.parametrize("path", ["native", "triton"])
+@pytest.mark.parametrize("shift", [5, -5])
+def test_out_partly_over_the_gradients_is_refused(path, shift):
+    # Blocks are written as soon as they are summed: an out shifted against a row would
+    # overwrite gradients that a later block still reads, so it must be refused.
+    k, P = 3, 5_003
+    buffer = torch.randn(k * P + 10)
+    grads = buffer[5 : 5 + k * P].view(k, P)
+    out = buffer[5 + P + shift : 5 + 2 * P + shift]
+    with pytest.raises(ValueError, match="overlaps gradient row"):
+        _run(path, grads, torch.rand(k), out)
+
+
+@pytest.mark.parametrize("path", ["native", "triton"])
+def test_out_in_another_dtype_over_a_row_is_refused(path):
+    grads = torch.randn(3, 2_001)
+    out = grads[1].view(torch.bfloat16)[:2_001]
+    with pytest.raises(ValueError, match="overlaps gradient row 1"):
+        _run(path, grads, torch.rand(3), out)
+
+
+@pytest.mark.parametrize("path", ["native", "triton"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_weights_of_any_stride(path, layout):
+    # The Triton kernel once read the weights as if contiguous.
+    k = 5
+    grads = torch.randn(k, P_TRITON)
+    c = torch.rand(3 * k)[::3] if layout == "strided" else torch.rand(1).expand(k)
+    out = _poisoned(P_TRITON, torch.float32)
+
+    _run(path, grads, c, out)
+
+    assert _rel_err(out, _ref(grads, c.contiguous())) <= FP32_FLOOR
+
+
+@pytest.mark.parametrize("path", ["native", "triton"])
 def test_non_finite_gradient_stays_local(path):
     grads = torch.randn(3, 2_001)
     grads[1, 77] = float("nan")
@@ -245,6 +280,8 @@ def _bad_cases():
         ((g, c.to("meta")), {}, ValueError, "on meta"),
         (([g, g], c), {"out": torch.empty(10)}, TypeError, "list of 2 shards"),
         ((g, c), {"out": [torch.empty(10)]}, TypeError, "out must be a tensor"),
+        ((g, 1.0), {}, ValueError, "c must have shape \\[k\\]"),
+        ((g, c), {"out": torch.zeros(10, requires_grad=True)}, ValueError, "requires grad"),
     ]
 
 
@@ -255,6 +292,10 @@ def test_bad_input_raises_a_clear_error(args, kwargs, error, match):
 
 
 def test_native_op_checks_its_input():
+    buffer = torch.randn(3 * 101 + 10)
+    grads = buffer[5 : 5 + 303].view(3, 101)
+    with pytest.raises(RuntimeError, match="overlaps gradient row 1"):
+        torch.ops.mofast.combine(grads, torch.rand(3), buffer[5 + 104 : 5 + 205])
     with pytest.raises(RuntimeError, match="shape \\[P\\]"):
         torch.ops.mofast.combine(torch.randn(3, 10), torch.rand(3), torch.empty(9))
     with pytest.raises(RuntimeError, match="column stride"):
@@ -278,7 +319,7 @@ pointers = ["*fp32", "*bf16", "*fp16", "*fp64"]
 for grads in pointers:
     for out in pointers:
         signature = {"grads_ptr": grads, "weights_ptr": "*fp32", "out_ptr": out, "k": "i32",
-                     "P": "i64", "stride_row": "i64"}
+                     "P": "i64", "stride_row": "i64", "stride_w": "i64"}
         signature.update(
             dict.fromkeys(["ROWS", "BLOCK", "ACC_DTYPE", "BF16_BY_BITS"], "constexpr")
         )

@@ -6,6 +6,7 @@
 // written once. `out` may alias a row of `grads`: an output element is written only after
 // every row's value at that position has been read.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -195,6 +196,13 @@ void combine_cpu(const at::Tensor& grads, const at::Tensor& weights, const at::T
               "mofast::combine: out must be contiguous, got stride ", out.stride(0));
   TORCH_CHECK(is_supported_float(out.scalar_type()), "mofast::combine: out has dtype ",
               out.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
+  // Blocks are written as soon as they are summed: an out that only partly covers a row
+  // would overwrite gradients that a later block still reads.
+  for (int64_t i = 0; i < grads.size(0); ++i) {
+    TORCH_CHECK(at::get_overlap_status(out, grads.select(0, i)) != at::MemOverlapStatus::Partial,
+                "mofast::combine: out overlaps gradient row ", i,
+                " without being that row; it must be exactly one row of grads or apart from them");
+  }
 
   // k is small; reading the weights here costs nothing on the CPU, where there is no
   // device to wait for.
