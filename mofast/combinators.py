@@ -237,13 +237,18 @@ class MGDADecoupled(MGDA):
     """Min-norm weights of g_i / L_i, applied to the raw g_i (they sum to 1).
 
     Losses are taken as non-negative, as DPO losses are; a loss at or below eps counts as
-    solved and is divided by eps instead.
+    solved and is divided by eps instead. A non-finite loss gives NaN weights, as groupdro's
+    does, so the trainer sees the fault.
     """
 
     name = "mgda-decoupled"
 
     def _weights(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        return self._solve_rescaled(gram, 1.0 / losses.clamp_min(self.eps))
+        # 1 / inf = 0 would turn a diverged objective into a zero gradient, where the
+        # min-norm point would put all the weight; NaN carries the fault to c instead.
+        scale = 1.0 / losses.clamp_min(self.eps)
+        scale = torch.where(torch.isfinite(losses), scale, float("nan"))
+        return self._solve_rescaled(gram, scale)
 
 
 COMBINATORS: dict[str, type[Combinator]] = {

@@ -130,6 +130,17 @@ def test_a_zero_loss_with_a_live_gradient_takes_no_weight_in_decoupled():
     assert c[0] < 1e-20 and c[1] == pytest.approx(1.0, abs=1e-20)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_decoupled_a_non_finite_loss_gives_nan(bad):
+    # An infinite loss once rescaled its gradient to zero, and the min-norm point put all the
+    # weight on the diverged objective with finite weights that hid the fault.
+    grads = torch.randn(3, 23, dtype=torch.float64)
+    losses = 0.5 + torch.rand(3, dtype=torch.float64)
+    losses[1] = bad
+    c = make_combinator("mgda-decoupled", k=3).weights(losses, gram_of(grads))
+    assert torch.isnan(c).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_groupdro_with_a_huge_loss_stays_finite_and_favours_it(dtype):
     comb = make_combinator("groupdro", k=2, eta=0.01)
