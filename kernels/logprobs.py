@@ -21,6 +21,7 @@ memory that is already there.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -838,8 +839,19 @@ def _check_inputs(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None,
+    ignore_index: int,
     softcap: float | None,
 ) -> None:
+    named = {"hidden": hidden, "weight": weight, "labels": labels}
+    if bias is not None:
+        named["bias"] = bias
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)):
+        raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
     if hidden.shape[2] == 0:
@@ -887,13 +899,17 @@ def _sequence_logprobs(
     tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """sequence_logprobs with the path and the tiling chosen by the caller (tests, benches)."""
-    _check_inputs(hidden, weight, labels, bias, softcap)
+    _check_inputs(hidden, weight, labels, bias, ignore_index, softcap)
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if backend == "torch" and hidden.device.type != "cpu":
         raise ValueError(f"the torch path runs on the CPU, got tensors on {hidden.device}")
     if tiling is None:
         tiling = CUDA_TILING if backend == "triton" else CPU_TILING
+
+    # torch's gather and index ops take int32 or int64 indices only.
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.long()
 
     # Checked on the device, so the host never waits for it.
     vocab = weight.shape[0]
@@ -926,5 +942,6 @@ def sequence_logprobs(
     to hidden, weight and bias, and never holds more than a chunk of the logits. CUDA
     tensors run the Triton kernels, CPU tensors the chunked torch path.
     """
-    backend = "triton" if hidden.device.type == "cuda" else "torch"
+    on_cuda = isinstance(hidden, torch.Tensor) and hidden.device.type == "cuda"
+    backend = "triton" if on_cuda else "torch"
     return _sequence_logprobs(hidden, weight, labels, bias, ignore_index, softcap, backend=backend)

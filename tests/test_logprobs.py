@@ -380,6 +380,37 @@ def test_bad_input_raises_naming_the_problem():
         _sequence_logprobs(hidden, weight, labels, backend="triton", tiling=Tiling(block_v=48))
 
 
+def test_bad_argument_types_raise_a_type_error():
+    hidden, weight, labels, _ = _make(2, 5, 8, 50)
+    cases = [
+        ((hidden.detach().numpy(), weight, labels), {}, "hidden must be a torch.Tensor"),
+        ((hidden, weight, labels.tolist()), {}, "labels must be a torch.Tensor"),
+        ((hidden, weight, labels), {"bias": [0.0] * 50}, "bias must be a torch.Tensor"),
+        ((hidden, weight, labels), {"ignore_index": None}, "ignore_index must be an int"),
+        ((hidden, weight, labels), {"softcap": "30"}, "softcap must be None or a number"),
+        ((hidden, weight, labels), {"softcap": torch.tensor(30.0)}, "softcap must be None"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(TypeError, match=message):
+            sequence_logprobs(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend, tiling", PATHS)
+@pytest.mark.parametrize("dtype, ignore_index", [(torch.uint8, 255), (torch.int16, IGNORE)])
+def test_narrow_integer_labels(backend, tiling, dtype, ignore_index):
+    # Once an unclear error from torch's gather on the CPU, which takes int32/int64 only.
+    N, T, H, V = 3, 7, 16, 201
+    hidden, weight, labels, _ = _make(N, T, H, V)
+    labels[labels == IGNORE] = ignore_index
+    fn = lambda y: _sequence_logprobs(
+        hidden, weight, y, ignore_index=ignore_index, backend=backend, tiling=tiling
+    )
+    narrow = fn(labels.to(dtype))
+    wide = fn(labels)
+    assert torch.isfinite(narrow).all()
+    assert torch.equal(narrow, wide)
+
+
 # ---------------------------------------------------------------------------------------
 #  The shipped real model on real UltraFeedback text
 # ---------------------------------------------------------------------------------------
