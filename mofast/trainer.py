@@ -11,6 +11,10 @@ One optimiser step:
      coefficient is not finite (its `found_inf` input), and the schedule advances.
 Nothing in a step reads a device value on the host: per-step losses, coefficients and Gram
 matrices stay on the device and are flushed to metrics.jsonl every `log_every` steps.
+
+With several ranks (`parallel` ddp or fsdp, launched by torchrun) each rank trains on its
+slice of every micro-batch, and step 2 starts with one all-reduce of the partial Gram matrix
+(fsdp) and the window statistics; see mofast/distributed.py.
 """
 
 import copy
@@ -417,7 +421,8 @@ def build_objectives(config: TrainConfig, tokenizer) -> tuple[dict, dict[str, Co
 
 
 class Trainer:
-    """Multi-objective DPO on one device; `fit()` runs to the end and writes the run folder."""
+    """Multi-objective DPO on one device, or on several ranks under DDP or FSDP2
+    (mofast/distributed.py); `fit()` runs to the end and writes the run folder (rank 0)."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, resume: bool = False):
         from mofast import data
@@ -728,13 +733,14 @@ class Trainer:
             totals = torch.zeros(3, dtype=torch.float32, device=self.device)
 
             for index, mb in enumerate(micro_batches):
-                policy, reference = self._pair_logps(mb)
-                b = mb.pairs
-                losses, margins = dpo.dpo_losses(
-                    policy[:b], policy[b:], reference[:b], reference[b:], self.config.beta
-                )
+                # DDP decides at the forward whether the backward reduces: both go inside.
                 last = index == len(micro_batches) - 1
                 with distributed.gradient_sync(self.policy, self.context, last):
+                    policy, reference = self._pair_logps(mb)
+                    b = mb.pairs
+                    losses, margins = dpo.dpo_losses(
+                        policy[:b], policy[b:], reference[:b], reference[b:], self.config.beta
+                    )
                     (losses.sum() / window_pairs).backward()
                 with torch.no_grad():
                     totals += torch.stack(

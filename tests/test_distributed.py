@@ -69,6 +69,13 @@ def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in weights.items()}
 
 
+def _counting_allreduce(calls: list, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls.append(bucket.buffer().numel())
+    return allreduce_hook(None, bucket)
+
+
 def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -77,8 +84,12 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
         for mode in MODES:
             run_dir = os.path.join(root, mode)
             trainer = Trainer(_config(cache_dir, run_dir, parallel=mode, save_every=2), run_dir)
+            reductions = []
+            if mode == "ddp":
+                trainer.policy.register_comm_hook(reductions, _counting_allreduce)
             records = _fit_recording(trainer)
             out[mode] = {"records": records, "weights": _full_weights(trainer)}
+            out[mode]["reductions"] = len(reductions)
 
         # Resume the FSDP run from its step-2 checkpoint (sharded state gathered on save).
         run_dir = os.path.join(root, "fsdp")
@@ -182,6 +193,13 @@ def test_rank_zero_logs_the_bytes_of_the_one_all_reduce(runs, mode):
     expected = k * k * 4 + statistics if mode == "fsdp" else statistics
     assert all(e["comm_bytes"] == expected for e in entries)
     assert all(math.isfinite(e["losses"][n]) for e in entries for n in e["losses"])
+
+
+def test_ddp_reduces_each_objective_once_per_window(runs):
+    # 2 micro-batches per window: no_sync must hold back the first one's reduction (the
+    # model fits one bucket, so one all-reduce per objective and step).
+    k = 2
+    assert runs["ranks"][0]["ddp"]["reductions"] == k * STEPS
 
 
 def test_fsdp_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs):
