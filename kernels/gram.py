@@ -289,7 +289,11 @@ def gram(grads: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         shards (parameter groups) whose Gram matrices add up; float32, float64, float16 or
         bfloat16. CUDA tensors run the Triton kernels (k <= MAX_K), CPU tensors the native
         C++ op. Never synchronises with the host; a NaN or inf gradient gives non-finite
-        entries.
+        entries. Not differentiable: G never requires grad, whatever grads do.
     """
     shards = _check_shards(grads, "gram")
-    return torch.ops.mofast.gram.default(shards)
+
+    # The op has no autograd kernel: outside no_grad, G of a tensor that requires grad
+    # would carry a grad_fn whose backward silently leaves the gradient unset.
+    with torch.no_grad():
+        return torch.ops.mofast.gram.default(shards)

@@ -157,6 +157,15 @@ def test_non_finite_gradient_gives_non_finite_entries(path, bad):
     assert torch.isfinite(G[clean][:, clean]).all()
 
 
+def test_result_never_requires_grad():
+    # G once carried a grad_fn whose backward warned and left x.grad unset: a silent zero.
+    X = torch.randn(3, 1_001, requires_grad=True)
+    G = gram([X, X[:, :77]])
+    assert not G.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        G.sum().backward()
+
+
 def test_native_is_deterministic():
     X = torch.randn(8, P_NATIVE)
     assert torch.equal(gram(X), gram(X))
