@@ -190,6 +190,12 @@ def reduce_combine_inputs(
     return G, packed.view_as(stats), nbytes
 
 
+def shutdown(context: Context) -> None:
+    """Leave the process group this module joined (a no-op for a single process)."""
+    if context.parallel != "none" and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(context: Context) -> None:
     if context.parallel != "none":
         dist.barrier()

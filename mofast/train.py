@@ -5,6 +5,9 @@ UltraFeedback pairs as two objectives and the shipped stories260K model; configs
 `--config FILE.yaml` (or the name of a shipped config) replaces that base; every field of
 the config also has its own flag, applied last. `--resume RUN_DIR` continues a run from its
 latest checkpoint with the configuration saved in the run folder.
+
+On several GPUs or machines, launch it with torchrun and `--parallel ddp` or `--parallel fsdp`
+(mofast/distributed.py); `micro_batch` is then per rank.
 """
 
 import argparse
@@ -12,6 +15,7 @@ import logging
 import time
 from pathlib import Path
 
+from mofast import distributed
 from mofast.config import add_field_arguments, from_dict, load_yaml, overrides_from_args
 
 logger = logging.getLogger(__name__)
@@ -66,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
         config = from_dict(overrides, load_yaml(args.config or DEFAULT_CONFIG))
         run_dir = Path(config.output_dir) if config.output_dir else _new_run_dir(config.combinator)
 
+    # Under torchrun every rank must write into rank 0's folder (the time stamps may differ).
+    context = distributed.setup(config.parallel)
+    run_dir = Path(distributed.broadcast_object(str(run_dir), context))
     config = from_dict({"output_dir": str(run_dir)}, config)
-    logger.info("run folder %s", run_dir)
-    Trainer(config, run_dir, resume=bool(args.resume)).fit()
-    logger.info("done: metrics, plots and the final model are in %s", run_dir)
+    try:
+        logger.info("run folder %s", run_dir)
+        Trainer(config, run_dir, resume=bool(args.resume)).fit()
+        logger.info("done: metrics, plots and the final model are in %s", run_dir)
+    finally:
+        distributed.shutdown(context)
     return 0
