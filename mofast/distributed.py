@@ -123,11 +123,12 @@ def wrap(
     if context.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # The rotary tables are buffers every rank computes identically: no broadcast.
+        # The rotary tables are buffers every rank computes identically: no broadcast at
+        # each forward (the one at construction is harmless).
         return DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )
     if context.parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
