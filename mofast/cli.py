@@ -9,6 +9,10 @@ import importlib
 import logging
 import sys
 
+import yaml
+
+logger = logging.getLogger(__name__)
+
 SUBCOMMANDS = {
     "train": ("mofast.train", "multi-objective DPO training (default: the embedded real run)"),
     "toy": ("mofast.toy", "the two-objective toy problem of SPEC section 3"),
@@ -21,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mofast", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -38,4 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"mofast {args.command}", description=help_text)
     module.add_arguments(sub_parser)
-    return int(module.run(sub_parser.parse_args(rest)) or 0)
+    sub_args = sub_parser.parse_args(rest)
+    try:
+        return int(module.run(sub_args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError) as exc:
+        # Bad input (a config value, a missing file, unparsable YAML) is the user's to fix:
+        # one line naming it, the traceback only at --log-level DEBUG.
+        logger.debug("traceback", exc_info=True)
+        sub_parser.exit(2, f"{sub_parser.prog}: error: {exc}\n")

@@ -1,0 +1,37 @@
+"""The command line: one entry point, subcommands, bad input as one line and exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mofast.cli import SUBCOMMANDS, main
+
+
+def test_every_subcommand_has_help():
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--micro-batch", "0"], "micro_batch must be at least 1"),
+        (["train", "--config", "no-such-config.yaml"], "no config file 'no-such-config.yaml'"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_python_dash_m_mofast_reaches_the_same_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "mofast", "toy", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "toy problem" in out.stdout
