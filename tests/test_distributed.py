@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from sync_guard import forbid_host_sync
 
 from mofast import distributed
 from mofast.config import from_dict
@@ -90,6 +91,13 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
             records = _fit_recording(trainer)
             out[mode] = {"records": records, "weights": _full_weights(trainer)}
             out[mode]["reductions"] = len(reductions)
+
+            # One more step, watched: the all-reduce and everything around it stay on the
+            # device (what would make a GPU wait is refused on the CPU as well).
+            batches = trainer.prepare(trainer.sampler.window(0, 0))
+            with forbid_host_sync():
+                record = Trainer.train_step(trainer, batches)  # not the recording wrapper
+            out[mode]["watched"] = record
 
         # Resume the FSDP run from its step-2 checkpoint (sharded state gathered on save).
         run_dir = os.path.join(root, "fsdp")
@@ -193,6 +201,12 @@ def test_rank_zero_logs_the_bytes_of_the_one_all_reduce(runs, mode):
     expected = k * k * 4 + statistics if mode == "fsdp" else statistics
     assert all(e["comm_bytes"] == expected for e in entries)
     assert all(math.isfinite(e["losses"][n]) for e in entries for n in e["losses"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_distributed_step_does_not_synchronise_with_the_host(runs, mode):
+    first, second = (runs["ranks"][r][mode]["watched"] for r in range(WORLD))
+    assert torch.equal(first, second) and torch.isfinite(first).all()
 
 
 def test_ddp_reduces_each_objective_once_per_window(runs):
