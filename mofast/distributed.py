@@ -15,6 +15,12 @@ Nothing of size P crosses the network beyond what FSDP itself moves.
 `ddp`: DistributedDataParallel all-reduces (averages) each objective's gradient once per
 window (no_sync on the earlier micro-batches), so every rank holds the full, identical
 gradients and computes the Gram locally; only the 3k statistics are all-reduced.
+
+Checkpoints: rank 0 writes the same folder as a single process. Under fsdp the shards are
+gathered into full CPU state dicts first (torch.distributed.checkpoint's full-state options),
+and a resume loads the full state on every rank and shards it again; the run folder must be
+on a file system every rank can read. Resuming needs the same number of ranks (the sampler
+checks the global micro-batch). Only rank 0 writes metrics, plots and the final model.
 """
 
 import contextlib
