@@ -78,7 +78,9 @@ def _tanh(x):
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":
         # Triton's interpreter multiplies bf16 operands as their raw 16-bit patterns; their
-        # products are exact in float32, so float32 operands give the same result.
+        # products are exact in float32, so float32 operands give the same result. float64
+        # operands come here too: tl.dot has no float64 x float64 -> float32 form for the
+        # GPU, and the products are formed in float32 as on the CPU path.
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -422,6 +424,8 @@ def _check_tiling(tiling: Tiling) -> None:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "upcast"
     if dtype == torch.bfloat16 and isinstance(_logprobs_fwd_kernel, InterpretedFunction):
         return "upcast"
     # float32 products follow torch's own switch, so the kernel is as exact as a torch matmul;

@@ -9,6 +9,9 @@ measure meaningless; log-probabilities are compared row by row.
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -409,6 +412,65 @@ def test_narrow_integer_labels(backend, tiling, dtype, ignore_index):
     wide = fn(labels)
     assert torch.isfinite(narrow).all()
     assert torch.equal(narrow, wide)
+
+
+# Compiles the four Triton kernels for an sm_90 GPU at float64 with the compiler in the
+# triton wheel: the interpreter ran float64 while the GPU compiler rejected its tl.dot. A
+# fresh interpreter is needed because conftest has made the kernels interpreted functions.
+_COMPILE_FP64 = """
+import importlib, os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+L = importlib.import_module("mofast.kernels.logprobs")
+
+def build(fn, pointers, ints, strides, constexprs):
+    signature = {**pointers, **dict.fromkeys(ints, "i32"), **dict.fromkeys(strides, "i64")}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+t = L.CUDA_TILING
+prec = L._dot_precision(torch.float64)
+x, i64, f32 = "*fp64", "*i64", "*fp32"
+head = {"HAS_BIAS": True, "SOFTCAP": True, "BLOCK_M": t.block_m, "BLOCK_V": t.block_v,
+        "BLOCK_K": t.block_k, "PRECISION": prec}
+reads = ["stride_hn", "stride_ht", "stride_hh", "stride_wv", "stride_wh", "stride_ln",
+         "stride_lt"]
+tokens = {"hidden_ptr": x, "weight_ptr": x, "bias_ptr": x, "labels_ptr": i64,
+          "order_ptr": i64, "count_ptr": i64}
+build(L._logprobs_fwd_kernel,
+      {**tokens, "lse_part_ptr": f32, "target_ptr": f32, "softcap": "fp32"},
+      ["T", "H", "V", "vocab_per_split", "slots"], reads, head)
+build(L._logprobs_bwd_dlogits_kernel,
+      {**tokens, "lse_ptr": f32, "grad_lp_ptr": f32, "dlogits_ptr": x, "softcap": "fp32"},
+      ["T", "H", "v0", "v_end", "slots"], [*reads, "stride_g", "stride_dm"], head)
+build(L._logprobs_bwd_dhidden_kernel,
+      {"dlogits_ptr": x, "weight_ptr": x, "count_ptr": i64, "grad_h_ptr": f32},
+      ["H", "v0", "width"], ["stride_dm", "stride_wv", "stride_wh", "stride_gm"],
+      {"BLOCK_M": t.block_m, "BLOCK_H": t.block_h, "BLOCK_K": t.block_k, "PRECISION": prec})
+build(L._logprobs_bwd_dweight_kernel,
+      {"dlogits_ptr": x, "hidden_ptr": x, "order_ptr": i64, "count_ptr": i64,
+       "grad_w_ptr": x, "grad_b_ptr": f32},
+      ["T", "H", "v0", "width"],
+      ["stride_dm", "stride_hn", "stride_ht", "stride_hh", "stride_gv", "stride_gh"],
+      {"HAS_BIAS": True, "BLOCK_V": t.block_v, "BLOCK_H": t.block_h, "BLOCK_K": t.block_k,
+       "PRECISION": prec})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_in_float64():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The knob only silences a deprecation warning of Triton 3.9 about its own default.
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FP64], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------
