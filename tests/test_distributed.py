@@ -99,13 +99,15 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
                 record = Trainer.train_step(trainer, batches)  # not the recording wrapper
             out[mode]["watched"] = record
 
-        # Resume the FSDP run from its step-2 checkpoint (sharded state gathered on save).
-        run_dir = os.path.join(root, "fsdp")
-        config = _config(cache_dir, run_dir, parallel="fsdp", save_every=2)
-        resumed = Trainer(config, run_dir, resume=True)
-        out["resumed"] = {"step": resumed.step}
-        resumed.fit()
-        out["resumed"]["weights"] = _full_weights(resumed)
+        # Resume each run from its step-2 checkpoint (under fsdp gathered on save).
+        out["resumed"] = {}
+        for mode in MODES:
+            run_dir = os.path.join(root, mode)
+            config = _config(cache_dir, run_dir, parallel=mode, save_every=2)
+            resumed = Trainer(config, run_dir, resume=True)
+            out["resumed"][mode] = {"step": resumed.step}
+            resumed.fit()
+            out["resumed"][mode]["weights"] = _full_weights(resumed)
 
         # A bfloat16 model under fsdp keeps float32 master shards, so float32 buffers work.
         run_dir = os.path.join(root, "master")
@@ -216,10 +218,12 @@ def test_ddp_reduces_each_objective_once_per_window(runs):
     assert runs["ranks"][0]["ddp"]["reductions"] == k * STEPS
 
 
-def test_fsdp_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs):
-    assert [runs["ranks"][rank]["resumed"]["step"] for rank in range(WORLD)] == [2] * WORLD
-    resumed = runs["ranks"][0]["resumed"]["weights"]
-    uninterrupted = runs["ranks"][0]["fsdp"]["weights"]
+@pytest.mark.parametrize("mode", MODES)
+def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(runs, mode):
+    steps = [runs["ranks"][rank]["resumed"][mode]["step"] for rank in range(WORLD)]
+    assert steps == [2] * WORLD
+    resumed = runs["ranks"][0]["resumed"][mode]["weights"]
+    uninterrupted = runs["ranks"][0][mode]["weights"]
     assert resumed.keys() == uninterrupted.keys() and uninterrupted
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
