@@ -40,6 +40,10 @@ MAX_TRITON_K = 64
 _PIVOT_REL_TOL = 1e-12
 _GAP_REL_TOL = 1e-14
 
+# Iterations are counted in int32; past this the Triton counter would wrap and never reach
+# the cap.
+_MAX_ITERS = 2**31 - 1
+
 
 class MinNormInfo(NamedTuple):
     """Diagnostics of one `min_norm` call, each shaped like G's leading dimensions."""
@@ -258,9 +262,13 @@ def _min_norm_kernel(
     in_kk = (rows < k) & (cols < k)
 
     # Load G and G^T as float64, [BLOCK_K, BLOCK_K]; padding is zero.
+    # int64 offsets: a batch stored problem-minor (a permuted view) has row and column
+    # strides of k * B, and (k - 1) * k * B passes 2^31 at k = 64 from B = 2^19.
     base = gram_ptr + pid.to(tl.int64) * stride_gb
-    g = tl.load(base + rows * stride_gi + cols * stride_gj, mask=in_kk, other=0.0)
-    g_t = tl.load(base + rows * stride_gj + cols * stride_gi, mask=in_kk, other=0.0)
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    g = tl.load(base + rows64 * stride_gi + cols64 * stride_gj, mask=in_kk, other=0.0)
+    g_t = tl.load(base + rows64 * stride_gj + cols64 * stride_gi, mask=in_kk, other=0.0)
     g = g.to(tl.float64)
     g_t = g_t.to(tl.float64)
 
@@ -340,8 +348,8 @@ def _min_norm_triton(
         )
     if method not in METHODS:
         raise ValueError(f"min_norm: method must be one of {METHODS}, got {method!r}")
-    if max_iters < 0:
-        raise ValueError(f"min_norm: max_iters must be >= 0, got {max_iters}")
+    if not 0 <= max_iters <= _MAX_ITERS:
+        raise ValueError(f"min_norm: max_iters must be in [0, {_MAX_ITERS}], got {max_iters}")
 
     weights = torch.empty(batch, k, dtype=gram.dtype, device=gram.device)
     iterations = torch.empty(batch, dtype=torch.int32, device=gram.device)
@@ -454,6 +462,11 @@ def min_norm(
         raise ValueError(f"min_norm: method must be one of {METHODS}, got {method!r}")
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
         raise ValueError(f"min_norm: max_iters must be an int >= 0, got {max_iters!r}")
+    if max_iters > _MAX_ITERS:
+        raise ValueError(
+            f"min_norm: max_iters must be at most {_MAX_ITERS} (iterations are counted in "
+            f"int32), got {max_iters}"
+        )
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"min_norm: tol must be a finite number >= 0, got {tol!r}")
 

@@ -481,6 +481,13 @@ def test_bad_input_raises_a_clear_error():
         min_norm(G, method="newton")
     with pytest.raises(ValueError, match="max_iters"):
         min_norm(G, max_iters=-1)
+    # Iterations are int32: a larger cap would wrap the Triton counter and never stop.
+    with pytest.raises(ValueError, match="max_iters must be at most 2147483647"):
+        min_norm(G, max_iters=2**31)
+    with pytest.raises(ValueError, match="max_iters must be in"):
+        M._min_norm_triton(G, 2**31, 0.0, "frank-wolfe")
+    with pytest.raises(RuntimeError, match="max_iters must be in"):
+        torch.ops.mofast.min_norm(G, 2**31, 0.0, "frank-wolfe")
     with pytest.raises(ValueError, match="tol"):
         min_norm(G, tol=math.nan)
     with pytest.raises(TypeError, match="torch.Tensor"):

@@ -383,7 +383,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> min_norm_cpu(const at::Tensor& gr
   TORCH_CHECK(gram.size(1) >= 1, "mofast::min_norm: k must be at least 1");
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble,
               "mofast::min_norm: gram must be float32 or float64, got ", gram.scalar_type());
-  TORCH_CHECK(max_iters >= 0, "mofast::min_norm: max_iters must be >= 0, got ", max_iters);
+  // Iterations are reported as int32.
+  TORCH_CHECK(max_iters >= 0 && max_iters <= std::numeric_limits<int32_t>::max(),
+              "mofast::min_norm: max_iters must be in [0, 2147483647], got ", max_iters);
   TORCH_CHECK(std::isfinite(tol) && tol >= 0.0,
               "mofast::min_norm: tol must be finite and >= 0, got ", tol);
   Method kind;
