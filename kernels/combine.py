@@ -243,7 +243,8 @@ def combine(
         shards; float32, float64, float16 or bfloat16.
     c: the k mixing coefficients, a tensor on grads' device (any float dtype).
     out: None (a new [P] tensor in grads' dtype), a contiguous [P] tensor of any float dtype
-        to write into (it may be a row of grads), or for a list of shards a list of them.
+        that does not require grad, to write into (it may be exactly one row of grads; any
+        other overlap with grads is refused), or for a list of shards a list of them.
     Returns out, or the list of outs for a list of shards. fp64 gradients accumulate in
     fp64. CUDA tensors run the Triton kernel, CPU tensors the native C++ op; no host
     synchronisation either way.

@@ -122,7 +122,10 @@ def _gram_reduce_kernel(
     total = tl.zeros((K_PAD,), dtype=tl.float64)
     for start in range(0, num_partials, ROWS):
         n = start + r  # [ROWS]
-        ptrs = partial_ptr + n[:, None] * (K_PAD * K_PAD) + src[None, :]  # [ROWS, K_PAD]
+        # int64: each non-empty shard adds a partial, and many shards times K_PAD^2 can
+        # pass 2^31.
+        rows = n.to(tl.int64)[:, None] * (K_PAD * K_PAD)
+        ptrs = partial_ptr + rows + src[None, :]  # [ROWS, K_PAD]
         vals = tl.load(ptrs, mask=(n < num_partials)[:, None], other=0.0)
         total += tl.sum(vals, axis=0)
 

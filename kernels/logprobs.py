@@ -216,7 +216,8 @@ def _logprobs_fwd_kernel(
         target += tl.sum(tl.where(hit, z, 0.0), axis=1)
         found += tl.sum(hit.to(tl.int32), axis=1)
 
-    tl.store(lse_part_ptr + pid_s * slots + pos, m + tl.log(s), mask=row_ok)
+    lse_row = lse_part_ptr + pid_s.to(tl.int64) * slots  # [slots] of this split
+    tl.store(lse_row + pos, m + tl.log(s), mask=row_ok)
     tl.store(target_ptr + pos, target, mask=row_ok & (found > 0))
 
 
