@@ -278,12 +278,14 @@ def _min_norm_kernel(
     g = tl.where(finite, g, 0.0)
     g_t = tl.where(finite, g_t, 0.0)
 
-    # Symmetrise, then divide by the largest diagonal entry (scale invariance).
+    # Symmetrise, then divide by the largest diagonal entry (scale invariance), or by a
+    # larger entry off it: that only happens for an indefinite G, whose quotients would
+    # otherwise overflow to inf and leave weights off the simplex.
     g = 0.5 * g + 0.5 * g_t
     on_diag = rows == cols
     scale = tl.maximum(tl.max(tl.sum(tl.where(on_diag, g, 0.0), axis=1)), 0.0)
     positive = scale > 0.0
-    safe_scale = tl.where(positive, scale, 1.0)
+    safe_scale = tl.where(positive, tl.maximum(scale, tl.max(tl.max(tl.abs(g), axis=1))), 1.0)
     inv = 1.0 / safe_scale
     g = tl.where(inv < float("inf"), g * inv, g / safe_scale)
     diag = tl.sum(tl.where(on_diag, g, 0.0), axis=1)  # [BLOCK_K]

@@ -430,6 +430,19 @@ def test_a_slightly_asymmetric_gram_is_symmetrised(path):
     torch.testing.assert_close(c, solve(G, path), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_indefinite_gram_with_huge_off_diagonal_entries_stays_feasible(path):
+    # Dividing by the largest diagonal entry once overflowed these off-diagonal entries to
+    # inf: NaN weights on the native path, all-zero weights on the Triton one.
+    k = 3
+    sign = torch.sign(torch.randn(5, k, k, dtype=torch.float64))
+    huge = 10.0 ** (250 + 50 * torch.rand(5, k, k, dtype=torch.float64))
+    G = sign * huge
+    G = G + G.mT
+    G.diagonal(dim1=-2, dim2=-1).copy_(10.0 ** (-250 - 50 * torch.rand(5, k, dtype=G.dtype)))
+    check_simplex(solve(G, path))
+
+
 @pytest.mark.slow
 def test_triton_kernel_compiles_for_a_cuda_target():
     # No GPU here, but Triton can still lower the kernel to a cubin for sm_90, which catches

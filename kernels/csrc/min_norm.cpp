@@ -78,8 +78,9 @@ struct Outcome {
   bool converged;
 };
 
-// Copies problem `src` into ws.g as (G + G^T) / (2 max_i G_ii). Returns the largest
-// diagonal entry, or NaN when an entry is not finite.
+// Copies problem `src` into ws.g as (G + G^T) / (2 max_i G_ii) (or over the largest entry
+// of an indefinite G, when it lies off the diagonal). Returns the largest diagonal entry,
+// or NaN when an entry is not finite.
 template <typename scalar_t>
 double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
   double scale = 0.0;
@@ -92,17 +93,25 @@ double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
   for (int64_t i = 0; i < k; ++i) scale = std::max(scale, static_cast<double>(src[i * k + i]));
   if (!(scale > 0.0)) return scale;
 
-  // Halving first keeps the sum finite for entries near the largest double. Multiplying by
-  // the reciprocal is as scale invariant as dividing (a power-of-two scale cancels exactly)
-  // except when the reciprocal overflows, for a subnormal largest entry.
-  const double inv = 1.0 / scale;
-  const bool use_inv = std::isfinite(inv);
+  // Halving first keeps the sum finite for entries near the largest double. The divisor is
+  // the largest diagonal entry, or a larger entry off it: that only happens for an
+  // indefinite G, whose quotients would otherwise overflow to inf.
+  double divisor = scale;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < k; ++j) {
       const double sym = 0.5 * static_cast<double>(src[i * k + j]) +
                          0.5 * static_cast<double>(src[j * k + i]);
-      ws.g[i * k + j] = use_inv ? sym * inv : sym / scale;
+      ws.g[i * k + j] = sym;
+      divisor = std::max(divisor, std::abs(sym));
     }
+  }
+
+  // Multiplying by the reciprocal is as scale invariant as dividing (a power-of-two scale
+  // cancels exactly) except when the reciprocal overflows, for a subnormal divisor.
+  const double inv = 1.0 / divisor;
+  const bool use_inv = std::isfinite(inv);
+  for (int64_t i = 0; i < k * k; ++i) {
+    ws.g[i] = use_inv ? ws.g[i] * inv : ws.g[i] / divisor;
   }
   return scale;
 }
