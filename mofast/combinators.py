@@ -30,6 +30,7 @@ Pareto-stationary point, not a NaN.
 
 import abc
 import math
+import numbers
 
 import torch
 
@@ -50,6 +51,12 @@ SOLVER_METHODS = ("frank-wolfe", "exact")
 
 # The k x k work is done in this dtype whatever the Gram matrix's dtype (see the module doc).
 _WORK_DTYPE = torch.float64
+
+
+def _check_number(name: str, value: object) -> None:
+    # math.isfinite on a string or None raises a TypeError that names no option.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
 
 
 class Combinator(abc.ABC):
@@ -138,6 +145,7 @@ class GroupDRO(Combinator):
 
     def __init__(self, k: int, eta: float = 0.1):
         super().__init__(k)
+        _check_number("eta (the groupdro step size)", eta)
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta (the groupdro step size) must be finite and >= 0, got {eta}")
         self.eta = float(eta)
@@ -189,6 +197,8 @@ class MGDA(Combinator):
         super().__init__(k)
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
             raise ValueError(f"max_iters must be an int >= 0, got {max_iters!r}")
+        _check_number("tol", tol)
+        _check_number("eps (the division guard)", eps)
         if not math.isfinite(tol) or tol < 0:
             raise ValueError(f"tol must be finite and >= 0, got {tol}")
         if method not in SOLVER_METHODS:

@@ -310,6 +310,12 @@ def test_bad_names_options_and_inputs_raise_clear_errors():
         make_combinator("mgda-decoupled", k=2, max_iters=-1)
     with pytest.raises(ValueError, match="eps"):
         make_combinator("mgda-normalised", k=2, eps=0.0)
+    with pytest.raises(TypeError, match="eta .* must be a number, got str"):
+        make_combinator("groupdro", k=2, eta="0.1")
+    with pytest.raises(TypeError, match="tol must be a number, got NoneType"):
+        make_combinator("mgda", k=2, tol=None)
+    with pytest.raises(TypeError, match="eps .* must be a number, got str"):
+        make_combinator("mgda-decoupled", k=2, eps="1e-12")
 
     comb = make_combinator("mgda-decoupled", k=3)
     with pytest.raises(ValueError, match=r"gram must have shape \(3, 3\)"):
