@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...
 #  Build and environment
 # ----------------------------------------------------------------------------
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$LOG"
-step build 100 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+step build 90 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 if [[ -d bench/wheels ]]; then
   # datasets is not on the lent machine's image; carry its wheels in bench/wheels to run
   # the end-to-end benchmark there.
@@ -45,17 +45,18 @@ fi
 # ----------------------------------------------------------------------------
 #  Tests that need a GPU (sync debug mode, CUDA graphs, bf16 at real sizes)
 # ----------------------------------------------------------------------------
-step gpu-tests 100 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+step gpu-tests 90 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 
 # ----------------------------------------------------------------------------
 #  Kernel benchmarks: correctness first, then time against their baselines
 # ----------------------------------------------------------------------------
-step bench-gram 40 "$PY" bench/bench_gram.py --repeats 20
-step bench-combine 30 "$PY" bench/bench_combine.py --repeats 20
-step bench-min-norm 45 "$PY" bench/bench_min_norm.py --problems 2000 --subset 100
-step bench-logprobs 75 "$PY" bench/bench_logprobs.py --device cuda --repeats 2
+step bench-gram 35 "$PY" bench/bench_gram.py --repeats 20
+step bench-combine 25 "$PY" bench/bench_combine.py --repeats 20
+step bench-min-norm 40 "$PY" bench/bench_min_norm.py --problems 2000 --subset 100
+step bench-logprobs 70 "$PY" bench/bench_logprobs.py --device cuda --repeats 2
+step bench-scaling 40 "$PY" bench/bench_scaling.py --device cuda --repeats 5
 if "$PY" -c "import datasets" 2>/dev/null; then
-  step bench-e2e 45 "$PY" bench/bench_e2e.py --device cuda
+  step bench-e2e 60 "$PY" bench/bench_e2e.py --device cuda
 fi
 
 # ----------------------------------------------------------------------------
