@@ -56,8 +56,9 @@ class Context:
 def setup(parallel: str) -> Context:
     """Join the process group `torchrun` describes (or the one already initialised).
 
-    NCCL where CUDA is available, else gloo. Raises ValueError when the launch and the mode
-    disagree: several processes with `parallel: none`, or ddp/fsdp without a launcher.
+    NCCL for CUDA tensors where CUDA is available, gloo for CPU tensors. Raises ValueError
+    when the launch and the mode disagree: several processes with `parallel: none`, or
+    ddp/fsdp without a launcher.
     """
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
@@ -76,7 +77,8 @@ def setup(parallel: str) -> Context:
                 f"parallel {parallel!r} needs a process group: launch with torchrun "
                 "(torchrun --nproc_per_node N -m mofast train ...)"
             )
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Both where CUDA exists, so a run kept on the CPU (--device cpu) still works.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     return Context(parallel, rank, dist.get_world_size(), local_rank)
