@@ -110,6 +110,17 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
+        from mofast.combinators import COMBINATORS, SOLVER_METHODS
+
+        if self.combinator not in COMBINATORS:
+            raise ValueError(
+                f"combinator must be one of {tuple(COMBINATORS)}, got {self.combinator!r}"
+            )
+        if self.solver_method not in SOLVER_METHODS:
+            raise ValueError(
+                f"solver_method must be one of {tuple(SOLVER_METHODS)}, got {self.solver_method!r}"
+            )
+
         positive = ("max_length", "micro_batch", "grad_accum", "epochs", "log_every")
         for name in positive:
             if getattr(self, name) < 1:

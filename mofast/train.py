@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from mofast import distributed
+from mofast import checkpoint, distributed
 from mofast.config import add_field_arguments, from_dict, load_yaml, overrides_from_args
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("--resume takes the run's own config.yaml; do not pass --config")
         if not (run_dir / "config.yaml").is_file():
             raise SystemExit(f"{run_dir} is not a mofast run folder (no config.yaml)")
+        if checkpoint.latest_checkpoint(run_dir) is None:
+            raise SystemExit(f"{run_dir} holds no checkpoint to resume from")
         config = from_dict(overrides, load_yaml(run_dir / "config.yaml"))
         if config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
             raise SystemExit(f"--output-dir {config.output_dir} differs from --resume {run_dir}")

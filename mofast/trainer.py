@@ -285,7 +285,14 @@ class GradientBuffers:
                 f"got grad_dtype {dtype}: set grad_dtype to match the model's dtype"
             )
         self.rows = torch.zeros(k, self.numel, dtype=dtype, device=device)
-        self.flat = torch.zeros(self.numel, dtype=param_dtype, device=device)
+        # combine writes the mixture over row 0 in place (each element is read before it is
+        # written), so the parameters' flat gradient costs no memory of its own unless the
+        # buffer dtype differs from theirs; the next step zeroes the rows anyway.
+        self.shares_row0 = dtype == param_dtype
+        if self.shares_row0:
+            self.flat = self.rows[0]
+        else:
+            self.flat = torch.zeros(self.numel, dtype=param_dtype, device=device)
 
         offsets = [0]
         for t in local:
@@ -316,7 +323,7 @@ class GradientBuffers:
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.flat.nbytes
+        return self.rows.nbytes + (0 if self.shares_row0 else self.flat.nbytes)
 
     def zero_(self) -> None:
         self.rows.zero_()
@@ -521,12 +528,8 @@ class Trainer:
             weight_decay=0.0,
             fused=self.device.type in ("cuda", "cpu"),
         )
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer,
-            num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(config.warmup_ratio, self.total_steps)
         )
         self.combinator = make_combinator(
             config.combinator,
@@ -901,6 +904,12 @@ class Trainer:
             raise ValueError(f"checkpoint objectives {state['names']} differ from {self.names}")
 
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved lr belongs to the interrupted run's schedule; a resume with another
+        # max_steps continues on this run's schedule from the same step.
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.combinator.load_state_dict(state["combinator"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -961,7 +970,9 @@ class Trainer:
                         bar.set_postfix(
                             {n: f"{v:.4f}" for n, v in last["losses"].items()}, refresh=False
                         )
-                    if config.save_every and self.step % config.save_every == 0:
+                    if self.step == self.total_steps or (
+                        config.save_every and self.step % config.save_every == 0
+                    ):
                         self.save()
                     bar.update(1)
                     if self.step >= self.total_steps:
@@ -1003,6 +1014,21 @@ class Trainer:
             save_final_model(self.model, self.tokenizer, self.run_dir / "model", weights)
             logger.info("final model saved in %s", self.run_dir / "model")
         distributed.barrier(self.context)
+
+
+def cosine_with_warmup(warmup_ratio: float, total_steps: int):
+    """The lr factor of step s: a linear warm-up over ceil(ratio * total) steps that starts
+    above zero (step 0 gets 1 / (warmup + 1), so no step is spent at lr 0), then a cosine
+    decay to zero at `total_steps`."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
 
 
 def _default_cache() -> Path:

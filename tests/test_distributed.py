@@ -8,6 +8,7 @@ case in turn, so the process start and imports are paid once.
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sync_guard import forbid_host_sync
 
-from mofast import distributed
+from mofast import checkpoint, distributed
 from mofast.config import from_dict
 from mofast.trainer import Trainer
 
@@ -99,10 +100,15 @@ def _worker(rank: int, init_file: str, cache_dir: str, root: str) -> None:
                 record = Trainer.train_step(trainer, batches)  # not the recording wrapper
             out[mode]["watched"] = record
 
-        # Resume each run from its step-2 checkpoint (under fsdp gathered on save).
+        # Resume each run from its step-2 checkpoint (under fsdp gathered on save): the
+        # final step's checkpoint goes, as if the run had been killed before writing it.
         out["resumed"] = {}
         for mode in MODES:
             run_dir = os.path.join(root, mode)
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(checkpoint.latest_checkpoint(run_dir))
+            dist.barrier()
             config = _config(cache_dir, run_dir, parallel=mode, save_every=2)
             resumed = Trainer(config, run_dir, resume=True)
             out["resumed"][mode] = {"step": resumed.step}

@@ -164,7 +164,10 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
         for key, value in trainer.optimizer.state[p].items():
             assert torch.equal(value, state[i][key]), key
 
-    # The next finite step updates again.
+    # The next finite step updates again (at a non-zero lr: this shared fixture's short
+    # cosine schedule may already have reached its end).
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.config.lr
     record = trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))
     k = trainer.k
     assert record[2 * k + k * k] == 0, "the skip flag of the record"
@@ -204,7 +207,10 @@ def test_gradient_buffers_accumulate_each_objective_into_its_row(buffer_dtype):
     params = list(model.parameters())
     buffers = GradientBuffers(params, k=3, dtype=buffer_dtype)
     assert buffers.uses_hooks == (buffer_dtype != torch.float32)
-    assert buffers.nbytes == 3 * buffers.numel * buffer_dtype.itemsize + 4 * buffers.numel
+    # The flat gradient is row 0 itself when the dtypes agree, its own fp32 buffer otherwise.
+    flat_bytes = 0 if buffer_dtype == torch.float32 else 4 * buffers.numel
+    assert buffers.nbytes == 3 * buffers.numel * buffer_dtype.itemsize + flat_bytes
+    assert buffers.shares_row0 == (buffer_dtype == torch.float32)
 
     inputs = [torch.randn(2, 9, 7) for _ in range(3)]
     buffers.zero_()
@@ -485,3 +491,14 @@ def test_sigkill_and_resume_end_with_the_weights_of_an_uninterrupted_run(tmp_pat
         return [(r["step"], r["losses"], r["weights"]) for r in map(json.loads, lines)]
 
     assert steps_of(full_dir) == steps_of(killed_dir)
+
+
+def test_schedule_warms_up_from_above_zero_and_ends_at_zero():
+    from mofast.trainer import cosine_with_warmup
+
+    factor = cosine_with_warmup(0.03, 100)  # 3 warm-up steps
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert 0 < factor(99) < 1e-3 and factor(100) == 0.0 and factor(150) == 0.0
+    values = [factor(s) for s in range(3, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False)), "decays monotonically"
+    assert cosine_with_warmup(0.03, 3)(0) == 0.5, "a 3-step run trains from its first step"
