@@ -12,9 +12,7 @@
 #include <omp.h>
 #include <torch/library.h>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "convert.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,26 +35,6 @@ struct Block {
   int64_t start;
   int64_t len;
 };
-
-inline float bf16_to_float(c10::BFloat16 v) {
-  // bfloat16 is the top half of a float32: shifting is exact and vectorises.
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// c10::Half converts one value at a time; F16C converts eight per instruction, exactly.
-inline void half_to_float(const c10::Half* src, float* dst, int64_t n) {
-  int64_t p = 0;
-#if defined(__F16C__)
-  for (; p + 8 <= n; p += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p));
-    _mm256_storeu_ps(dst + p, _mm256_cvtph_ps(h));
-  }
-#endif
-  for (; p < n; ++p) dst[p] = static_cast<float>(src[p]);
-}
 
 // Converts n values of one row to the compute type; fp32 and fp64 rows need no copy.
 template <typename scalar_t, typename acc_t>
