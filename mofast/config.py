@@ -6,6 +6,7 @@ then the command-line flags. Every field has a flag, so a YAML file is never req
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -120,6 +121,12 @@ class TrainConfig:
             raise ValueError(
                 f"solver_method must be one of {tuple(SOLVER_METHODS)}, got {self.solver_method!r}"
             )
+
+        # Comparisons with NaN are false, so a NaN would slip past the range checks below.
+        for name, annotation in _field_types().items():
+            value = getattr(self, name)
+            if annotation is float and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
 
         positive = ("max_length", "micro_batch", "grad_accum", "epochs", "log_every")
         for name in positive:

@@ -300,6 +300,15 @@ def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
         from_dict({"max_steps": "many"})
 
 
+@pytest.mark.parametrize("name", ["lr", "beta", "eta", "solver_tol", "eps"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_config_refuses_non_finite_numbers(name, value):
+    # A NaN beta or lr passed the sign checks (comparisons with NaN are false) and every
+    # step was then skipped as non-finite.
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        from_dict({name: value})
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference cache, data modes, outputs
 
