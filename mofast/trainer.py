@@ -446,7 +446,6 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints of a run: resume it with "
                 "--resume, or choose another --output-dir"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
@@ -546,6 +545,9 @@ class Trainer:
         self._pending: list[tuple[int, int, float, torch.Tensor]] = []
         self._interval_start = time.perf_counter()
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        # Only now that the model, the data and the settings have all loaded: bad input
+        # leaves no run folder behind.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
         elif self.context.is_main:

@@ -309,6 +309,14 @@ def test_config_refuses_non_finite_numbers(name, value):
         from_dict({name: value})
 
 
+def test_bad_input_leaves_no_run_folder(cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        Trainer(tiny(cache_dir, objectives={"a": str(missing)}), run_dir)
+    assert not run_dir.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference cache, data modes, outputs
 
