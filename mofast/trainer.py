@@ -918,11 +918,17 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_total = int(state["skipped_total"])
 
-        # Steps after the checkpoint were lost with the process; they will be redone.
+        # Steps after the checkpoint were lost with the process; they will be redone. A line
+        # cut by the kill is one of them: the checkpoint was written after its own steps'
+        # lines were complete (`save` flushes the metrics first).
         kept = []
         if self.context.is_main and self.metrics_path.is_file():
             for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= self.step:
+                try:
+                    step = json.loads(line)["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+                if step <= self.step:
                     kept.append(line + "\n")
         if self.context.is_main:
             self.metrics_path.write_text("".join(kept))

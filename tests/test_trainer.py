@@ -510,6 +510,20 @@ def test_sigkill_and_resume_end_with_the_weights_of_an_uninterrupted_run(tmp_pat
     assert steps_of(full_dir) == steps_of(killed_dir)
 
 
+def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
+    # A kill while metrics.jsonl is appended (the buffered lines go out in several writes)
+    # leaves a cut last line; it belongs to steps after the checkpoint and must not stop
+    # the resume.
+    run_dir = tmp_path / "run"
+    Trainer(tiny(cache_dir, max_steps=1), run_dir).fit()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "losses": {"overall_sc')
+
+    resumed = Trainer(tiny(cache_dir, max_steps=2), run_dir, resume=True)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert resumed.step == 1 and [json.loads(line)["step"] for line in lines] == [1]
+
+
 def test_schedule_warms_up_from_above_zero_and_ends_at_zero():
     from mofast.trainer import cosine_with_warmup
 
