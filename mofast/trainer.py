@@ -559,7 +559,11 @@ class Trainer:
         if config.tensorboard and self.context.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
+            # Events of the steps after the checkpoint are dropped, they will be redone; the
+            # checkpoint's own step was logged before it was saved and is kept.
+            self._writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=self.step + 1
+            )
 
     # -- reference log-probabilities ------------------------------------------------------------
 

@@ -524,6 +524,21 @@ def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
     assert resumed.step == 1 and [json.loads(line)["step"] for line in lines] == [1]
 
 
+def test_resume_keeps_the_checkpointed_steps_tensorboard_scalars(cache_dir, tmp_path):
+    # The writer purges the events from its purge_step on; the checkpoint's own step was
+    # logged before the checkpoint and is not redone, so it must survive the resume.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    Trainer(tiny(cache_dir, max_steps=2, epochs=4, tensorboard=True), run_dir).fit()
+    Trainer(tiny(cache_dir, max_steps=3, epochs=4, tensorboard=True), run_dir, resume=True).fit()
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for name in ("overall_score", "rubric_mean"):
+        assert [e.step for e in events.Scalars(f"losses/{name}")] == [1, 2, 3]
+
+
 def test_schedule_warms_up_from_above_zero_and_ends_at_zero():
     from mofast.trainer import cosine_with_warmup
 
