@@ -256,8 +256,11 @@ def load_preferences(
     """Preference pairs {prompt, chosen, rejected} from a file or hub dataset; drops counted."""
     stats = Counter() if stats is None else stats
     pairs = []
-    for row in load_rows(source, split=split):
-        pair, reason = preference_pair(row)
+    for index, row in enumerate(load_rows(source, split=split)):
+        try:
+            pair, reason = preference_pair(row)
+        except ValueError as error:
+            raise ValueError(f"{source}: row {index}: {error}") from None
         if pair is None:
             stats[reason] += 1
         else:
@@ -357,11 +360,22 @@ def ultrafeedback_objectives(
     counters = {name: stats.setdefault(name, Counter()) for name in scores}
     objectives = {name: [] for name in scores}
 
-    for record in records:
+    for index, record in enumerate(records):
         if "instruction" not in record or "completions" not in record:
             raise ValueError(
-                f"an UltraFeedback record needs 'instruction' and 'completions'; "
-                f"got {sorted(record)}"
+                f"record {index}: an UltraFeedback record needs 'instruction' and "
+                f"'completions'; got {sorted(record)}"
+            )
+        completions = record["completions"]
+        if not isinstance(completions, list | None):
+            wrong = f"a {type(completions).__name__}"
+        else:
+            wrong = next((c for c in completions or [] if not isinstance(c, Mapping)), None)
+            wrong = None if wrong is None else f"a list holding a {type(wrong).__name__}"
+        if wrong is not None:
+            raise ValueError(
+                f"record {index}: 'completions' must be a list of objects (each with a "
+                f"'response' and 'annotations'), got {wrong}"
             )
         for name, score in scores.items():
             objectives[name].extend(_pairs_of_record(record, score, counters[name]))

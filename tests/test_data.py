@@ -171,6 +171,13 @@ def test_ultrafeedback_identical_texts_and_bad_input():
         ultrafeedback_objectives([record], mode="overall")
     with pytest.raises(ValueError, match="instruction"):
         ultrafeedback_objectives([{"prompt": "x", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(ValueError, match=r"record 1: .*instruction"):
+        ultrafeedback_objectives([record, {"prompt": "x", "chosen": "a", "rejected": "b"}])
+    # Completions that are not annotation objects raised AttributeError ('str' ... 'get').
+    with pytest.raises(ValueError, match=r"record 0: 'completions' must be a list of objects"):
+        ultrafeedback_objectives([{"instruction": "Q?", "completions": ["a", "b"]}])
+    with pytest.raises(ValueError, match=r"record 0: 'completions' must be a list of objects"):
+        ultrafeedback_objectives([{"instruction": "Q?", "completions": "ab"}])
 
 
 def test_golden_response_uses_mean_of_valid_ratings_and_breaks_ties():
@@ -356,6 +363,12 @@ def test_load_preferences_rejects_bad_sources(tmp_path):
         preference_pair(R1)
     with pytest.raises(ValueError, match="prompt"):
         preference_pair({"chosen": "a", "rejected": "b"})
+
+    # A file whose rows lack a column: the error names the file and the row.
+    misnamed = tmp_path / "misnamed.jsonl"
+    _write(misnamed, [{"prompt": "p", "chosen": "a", "worse": "b"}] * 3)
+    with pytest.raises(ValueError, match=r"misnamed\.jsonl: row 0: .*'rejected'"):
+        load_preferences(misnamed)
 
 
 def test_default_objectives_drop_counts():
