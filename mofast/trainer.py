@@ -399,7 +399,10 @@ def build_objectives(config: TrainConfig, tokenizer) -> tuple[dict, dict[str, Co
     else:
         mode = "aspects" if config.data_mode == "ultrafeedback" else "cdpo"
         records = data.load_rows(config.dataset)
-        everything = data.ultrafeedback_objectives(records, stats, mode=mode)
+        try:
+            everything = data.ultrafeedback_objectives(records, stats, mode=mode)
+        except ValueError as error:
+            raise ValueError(f"{config.dataset}: {error}") from None
         pairs, _ = data.split_objectives(
             everything, test_fraction=config.test_fraction, seed=config.split_seed
         )

@@ -362,6 +362,14 @@ def _ultrafeedback_record(prompt, ratings, texts):
     }
 
 
+def test_a_bad_ultrafeedback_record_is_named_with_its_file(tmp_path, cache_dir):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": "Q?", "completions": ["a", "b"]}) + "\n")
+    config = tiny(cache_dir, data_mode="cdpo", dataset=str(path))
+    with pytest.raises(ValueError, match=r"bad\.jsonl: record 0: 'completions' must be"):
+        build_objectives(config, tokenizer=None)
+
+
 def test_cdpo_mode_trains_one_objective_on_summed_scores(tmp_path, cache_dir):
     records = [
         _ultrafeedback_record(
