@@ -22,6 +22,7 @@ memory that is already there.
 
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _hidden_tile(hidden_ptr, rows_n, rows_t, row_ok, hs, h_ok, stride_hn, stride_ht, stride_hh):
+    """hidden [N, T, H] at tokens (rows_n, rows_t) [R] and features hs [C], as [R, C]; zero
+    where row_ok [R] or h_ok [C] is off."""
+    ptrs = hidden_ptr + rows_n[:, None] * stride_hn + rows_t[:, None] * stride_ht
+    return tl.load(ptrs + hs[None, :] * stride_hh, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _logits_tile(
     # pointers
     hidden_ptr,  # [N, T, H]
@@ -116,15 +125,15 @@ def _logits_tile(
     PRECISION: tl.constexpr,
 ):
     """float32 logits [BLOCK_M, BLOCK_V] of a tile, bias and soft cap applied."""
-    h_rows = hidden_ptr + rows_n[:, None] * stride_hn + rows_t[:, None] * stride_ht
     w_cols = weight_ptr + cols[None, :].to(tl.int64) * stride_wv
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         # [BLOCK_M, BLOCK_K]
-        h_mask = row_ok[:, None] & k_ok[None, :]
-        h = tl.load(h_rows + ks[None, :] * stride_hh, mask=h_mask, other=0.0)
+        h = _hidden_tile(
+            hidden_ptr, rows_n, rows_t, row_ok, ks, k_ok, stride_hn, stride_ht, stride_hh
+        )
         # [BLOCK_K, BLOCK_V]
         w_mask = k_ok[:, None] & col_ok[None, :]
         w = tl.load(w_cols + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
@@ -145,6 +154,17 @@ def _token_rows(order_ptr, count_ptr, pos, T):
     ok = pos < count
     flat = tl.load(order_ptr + pos, mask=ok, other=0)
     return flat // T, flat % T, ok
+
+
+@triton.jit
+def _token_block(
+    labels_ptr, order_ptr, count_ptr, pid_m, T, stride_ln, stride_lt, BLOCK_M: tl.constexpr
+):
+    """Sorted slots [BLOCK_M] of token block pid_m, their tokens (as _token_rows) and labels."""
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
+    y = tl.load(labels_ptr + rows_n * stride_ln + rows_t * stride_lt, mask=row_ok, other=-1)
+    return pos, rows_n, rows_t, row_ok, y
 
 
 @triton.jit
@@ -186,9 +206,10 @@ def _logprobs_fwd_kernel(
     if pid_m * BLOCK_M >= tl.load(count_ptr):
         return
 
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
-    y = tl.load(labels_ptr + rows_n * stride_ln + rows_t * stride_lt, mask=row_ok, other=-1)
+    # [BLOCK_M] each: sorted slot, batch index, position, validity and label of each token
+    pos, rows_n, rows_t, row_ok, y = _token_block(
+        labels_ptr, order_ptr, count_ptr, pid_m, T, stride_ln, stride_lt, BLOCK_M
+    )
 
     # Online log-sum-exp over this program's vocabulary range, plus the target logit.
     v_start = pid_s * vocab_per_split
@@ -264,9 +285,10 @@ def _logprobs_bwd_dlogits_kernel(
     if pid_m * BLOCK_M >= tl.load(count_ptr):
         return
 
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
-    y = tl.load(labels_ptr + rows_n * stride_ln + rows_t * stride_lt, mask=row_ok, other=-1)
+    # [BLOCK_M] each: sorted slot, batch index, position, validity and label of each token
+    pos, rows_n, rows_t, row_ok, y = _token_block(
+        labels_ptr, order_ptr, count_ptr, pid_m, T, stride_ln, stride_lt, BLOCK_M
+    )
     lse = tl.load(lse_ptr + pos, mask=row_ok, other=0.0)
     g = tl.load(grad_lp_ptr + rows_n * stride_g, mask=row_ok, other=0.0).to(tl.float32)
 
@@ -289,6 +311,13 @@ def _logprobs_bwd_dlogits_kernel(
     out = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm + (cols - v0)[None, :]
     out_mask = (pos < slots)[:, None] & col_ok[None, :]
     tl.store(out, d.to(dlogits_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _dlogits_tile(dlogits_ptr, rows, row_ok, cols, col_ok, stride_dm):
+    """dlogits[rows, cols] as [R, C] from the sorted chunk buffer, zero where masked."""
+    ptrs = dlogits_ptr + rows[:, None].to(tl.int64) * stride_dm + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -327,12 +356,10 @@ def _logprobs_bwd_dhidden_kernel(
     acc_mask = row_ok[:, None] & h_ok[None, :]
     acc = tl.load(acc_ptrs, mask=acc_mask, other=0.0)  # [BLOCK_M, BLOCK_H]
 
-    d_rows = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm
     for k0 in range(0, width, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < width
-        # [BLOCK_M, BLOCK_K]
-        d = tl.load(d_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        d = _dlogits_tile(dlogits_ptr, pos, row_ok, ks, k_ok, stride_dm)  # [BLOCK_M, BLOCK_K]
         # [BLOCK_K, BLOCK_H]
         w_ptrs = weight_ptr + (v0 + ks[:, None]).to(tl.int64) * stride_wv + hs[None, :] * stride_wh
         w = tl.load(w_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
@@ -385,17 +412,11 @@ def _logprobs_bwd_dweight_kernel(
     for k0 in range(0, count, BLOCK_K):
         pos = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         rows_n, rows_t, row_ok = _token_rows(order_ptr, count_ptr, pos, T)
-        # [BLOCK_K, BLOCK_V]
-        d_ptrs = dlogits_ptr + pos[:, None].to(tl.int64) * stride_dm + cols[None, :]
-        d = tl.load(d_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        d = _dlogits_tile(dlogits_ptr, pos, row_ok, cols, col_ok, stride_dm)  # [BLOCK_K, BLOCK_V]
         # [BLOCK_K, BLOCK_H]
-        h_ptrs = (
-            hidden_ptr
-            + rows_n[:, None] * stride_hn
-            + rows_t[:, None] * stride_ht
-            + hs[None, :] * stride_hh
+        h = _hidden_tile(
+            hidden_ptr, rows_n, rows_t, row_ok, hs, h_ok, stride_hn, stride_ht, stride_hh
         )
-        h = tl.load(h_ptrs, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         acc = _dot(tl.trans(d), h.to(d.dtype), acc, PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(d.to(tl.float32), axis=0)
@@ -411,6 +432,12 @@ def _logprobs_bwd_dweight_kernel(
 # ---------------------------------------------------------------------------------------
 #  Triton launchers
 # ---------------------------------------------------------------------------------------
+
+
+def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each piece when 0 .. total is cut into pieces of step."""
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
 
 
 def _check_tiling(tiling: Tiling) -> None:
@@ -436,11 +463,71 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _launch_sizes(
+    hidden: torch.Tensor, weight: torch.Tensor, tiling: Tiling
+) -> tuple[int, int, int, int, int]:
+    """(N, T, H, V, N * T) of a launch, once the tiling is known to be usable."""
+    _check_tiling(tiling)
+    n_rows, seq_len, width = hidden.shape
+    return n_rows, seq_len, width, weight.shape[0], n_rows * seq_len
+
+
+def _launch_options(tiling: Tiling) -> dict:
+    return {"num_warps": tiling.num_warps, "num_stages": tiling.num_stages}
+
+
+def _token_block_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    count: torch.Tensor,
+    softcap: float | None,
+    tiling: Tiling,
+) -> dict:
+    """Keyword arguments that the forward and the logits-gradient kernels share: both walk
+    blocks of sorted tokens and compute tiles of their logits."""
+    return {
+        "hidden_ptr": hidden,
+        "weight_ptr": weight,
+        # An unused pointer still needs a tensor behind it.
+        "bias_ptr": bias if bias is not None else weight,
+        "labels_ptr": labels,
+        "order_ptr": order,
+        "count_ptr": count,
+        "T": hidden.shape[1],
+        "H": hidden.shape[2],
+        "softcap": float(softcap or 1.0),
+        "stride_hn": hidden.stride(0),
+        "stride_ht": hidden.stride(1),
+        "stride_hh": hidden.stride(2),
+        "stride_wv": weight.stride(0),
+        "stride_wh": weight.stride(1),
+        "stride_ln": labels.stride(0),
+        "stride_lt": labels.stride(1),
+        "HAS_BIAS": bias is not None,
+        "SOFTCAP": softcap is not None,
+        "BLOCK_M": tiling.block_m,
+        "BLOCK_V": tiling.block_v,
+        "BLOCK_K": tiling.block_k,
+        "PRECISION": _dot_precision(hidden.dtype),
+        **_launch_options(tiling),
+    }
+
+
 def _sort_counted(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat token indices with the counted tokens first, and their count, both on the device."""
     counted = (labels != ignore_index).reshape(-1)
     order = torch.argsort(torch.logical_not(counted).to(torch.uint8), stable=True)
     return order, counted.sum().reshape(1)
+
+
+def _unsort(rows: torch.Tensor, order: torch.Tensor, n_rows: int, seq_len: int) -> torch.Tensor:
+    """Rows [N * T, ...] in sorted token order put back as [N, T, ...]."""
+    out = torch.zeros_like(rows)
+    out.index_copy_(0, order, rows)
+    return out.view(n_rows, seq_len, *rows.shape[1:])
 
 
 def _forward_triton(
@@ -453,10 +540,7 @@ def _forward_triton(
     tiling: Tiling,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row log-probabilities [N], plus what the backward needs (lse, order, count)."""
-    _check_tiling(tiling)
-    n_rows, seq_len, width = hidden.shape
-    vocab = weight.shape[0]
-    slots = n_rows * seq_len
+    n_rows, seq_len, _, vocab, slots = _launch_sizes(hidden, weight, tiling)
     order, count = _sort_counted(labels, ignore_index)
     if slots == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
@@ -472,43 +556,18 @@ def _forward_triton(
     # A label outside the vocabulary is never found, so its row comes out NaN.
     target = torch.full((slots,), float("nan"), dtype=torch.float32, device=hidden.device)
     _logprobs_fwd_kernel[(m_blocks, splits)](
-        hidden_ptr=hidden,
-        weight_ptr=weight,
-        bias_ptr=bias if bias is not None else weight,
-        labels_ptr=labels,
-        order_ptr=order,
-        count_ptr=count,
+        **_token_block_args(hidden, weight, bias, labels, order, count, softcap, tiling),
         lse_part_ptr=lse_part,
         target_ptr=target,
-        T=seq_len,
-        H=width,
         V=vocab,
         vocab_per_split=vocab_per_split,
         slots=slots,
-        softcap=float(softcap or 1.0),
-        stride_hn=hidden.stride(0),
-        stride_ht=hidden.stride(1),
-        stride_hh=hidden.stride(2),
-        stride_wv=weight.stride(0),
-        stride_wh=weight.stride(1),
-        stride_ln=labels.stride(0),
-        stride_lt=labels.stride(1),
-        HAS_BIAS=bias is not None,
-        SOFTCAP=softcap is not None,
-        BLOCK_M=tiling.block_m,
-        BLOCK_V=tiling.block_v,
-        BLOCK_K=tiling.block_k,
-        PRECISION=_dot_precision(hidden.dtype),
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
     )
 
     lse = torch.logsumexp(lse_part, dim=0)
     counted = torch.arange(slots, device=hidden.device) < count
     token_lp = torch.where(counted, target - lse, 0.0)
-    per_token = torch.zeros(slots, dtype=torch.float32, device=hidden.device)
-    per_token.index_copy_(0, order, token_lp)
-    return per_token.view(n_rows, seq_len).sum(dim=1), lse, order, count
+    return _unsort(token_lp, order, n_rows, seq_len).sum(dim=1), lse, order, count
 
 
 def _backward_triton(
@@ -530,10 +589,7 @@ def _backward_triton(
     needs says which of the three are wanted. grad_weight, when given, is the [V, H] buffer
     to write the weight gradient into; every element of it is written.
     """
-    _check_tiling(tiling)
-    n_rows, seq_len, width = hidden.shape
-    vocab = weight.shape[0]
-    slots = n_rows * seq_len
+    n_rows, seq_len, width, vocab, slots = _launch_sizes(hidden, weight, tiling)
     device = hidden.device
     needs_h, needs_w, needs_b = needs
     if grad_weight is not None and (grad_weight.shape != weight.shape or not needs_w):
@@ -557,78 +613,57 @@ def _backward_triton(
 
     m_blocks = triton.cdiv(slots, tiling.block_m)
     h_blocks = triton.cdiv(width, tiling.block_h)
-    precision = _dot_precision(hidden.dtype)
-    for v0 in range(0, vocab, chunk):
-        step = min(chunk, vocab - v0)
+    token_block_args = _token_block_args(
+        hidden, weight, bias, labels, order, count, softcap, tiling
+    )
+    # Both gradient products read the same chunk buffer with the same tiles.
+    product_args = {
+        "dlogits_ptr": dlogits,
+        "count_ptr": count,
+        "H": width,
+        "stride_dm": dlogits.stride(0),
+        "BLOCK_H": tiling.block_h,
+        "BLOCK_K": tiling.block_k,
+        "PRECISION": token_block_args["PRECISION"],
+        **_launch_options(tiling),
+    }
+    for v0, v_end in _spans(vocab, chunk):
+        step = v_end - v0
         _logprobs_bwd_dlogits_kernel[(m_blocks, triton.cdiv(step, tiling.block_v))](
-            hidden_ptr=hidden,
-            weight_ptr=weight,
-            bias_ptr=bias if bias is not None else weight,
-            labels_ptr=labels,
-            order_ptr=order,
-            count_ptr=count,
+            **token_block_args,
             lse_ptr=lse,
             grad_lp_ptr=grad_lp,
             dlogits_ptr=dlogits,
-            T=seq_len,
-            H=width,
             v0=v0,
-            v_end=v0 + step,
+            v_end=v_end,
             slots=slots,
-            softcap=float(softcap or 1.0),
-            stride_hn=hidden.stride(0),
-            stride_ht=hidden.stride(1),
-            stride_hh=hidden.stride(2),
-            stride_wv=weight.stride(0),
-            stride_wh=weight.stride(1),
-            stride_ln=labels.stride(0),
-            stride_lt=labels.stride(1),
             stride_g=grad_lp.stride(0),
             stride_dm=dlogits.stride(0),
-            HAS_BIAS=bias is not None,
-            SOFTCAP=softcap is not None,
-            BLOCK_M=tiling.block_m,
-            BLOCK_V=tiling.block_v,
-            BLOCK_K=tiling.block_k,
-            PRECISION=precision,
-            num_warps=tiling.num_warps,
-            num_stages=tiling.num_stages,
         )
 
         if needs_h:
             _logprobs_bwd_dhidden_kernel[(m_blocks, h_blocks)](
-                dlogits_ptr=dlogits,
+                **product_args,
                 weight_ptr=weight,
-                count_ptr=count,
                 grad_h_ptr=grad_h,
-                H=width,
                 v0=v0,
                 width=step,
-                stride_dm=dlogits.stride(0),
                 stride_wv=weight.stride(0),
                 stride_wh=weight.stride(1),
                 stride_gm=grad_h.stride(0),
                 BLOCK_M=tiling.block_m,
-                BLOCK_H=tiling.block_h,
-                BLOCK_K=tiling.block_k,
-                PRECISION=precision,
-                num_warps=tiling.num_warps,
-                num_stages=tiling.num_stages,
             )
 
         if needs_w or needs_b:
             _logprobs_bwd_dweight_kernel[(triton.cdiv(step, tiling.block_v), h_blocks)](
-                dlogits_ptr=dlogits,
+                **product_args,
                 hidden_ptr=hidden,
                 order_ptr=order,
-                count_ptr=count,
                 grad_w_ptr=grad_weight,
                 grad_b_ptr=grad_b if grad_b is not None else lse,
                 T=seq_len,
-                H=width,
                 v0=v0,
                 width=step,
-                stride_dm=dlogits.stride(0),
                 stride_hn=hidden.stride(0),
                 stride_ht=hidden.stride(1),
                 stride_hh=hidden.stride(2),
@@ -636,18 +671,9 @@ def _backward_triton(
                 stride_gh=grad_weight.stride(1),
                 HAS_BIAS=needs_b,
                 BLOCK_V=tiling.block_v,
-                BLOCK_H=tiling.block_h,
-                BLOCK_K=tiling.block_k,
-                PRECISION=precision,
-                num_warps=tiling.num_warps,
-                num_stages=tiling.num_stages,
             )
 
-    grad_hidden = None
-    if needs_h:
-        grad_hidden = torch.zeros(slots, width, dtype=hidden.dtype, device=device)
-        grad_hidden.index_copy_(0, order, grad_h.to(hidden.dtype))
-        grad_hidden = grad_hidden.view(n_rows, seq_len, width)
+    grad_hidden = _unsort(grad_h.to(hidden.dtype), order, n_rows, seq_len) if needs_h else None
     grad_bias = grad_b.to(bias.dtype) if needs_b else None
     return grad_hidden, grad_weight if needs_w else None, grad_bias
 
@@ -660,6 +686,26 @@ def _backward_triton(
 def _chunk_shape(counted_tokens: int, vocab: int, tiling: Tiling) -> tuple[int, int]:
     tokens = max(1, min(counted_tokens, tiling.token_chunk))
     return tokens, max(1, min(vocab, tiling.chunk_elements // tokens))
+
+
+def _counted_tokens(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mask of counted tokens [N, T], their float32 hidden states [M, H], labels [M]."""
+    counted = labels != ignore_index
+    return counted, hidden[counted].float(), labels[counted]
+
+
+def _vocab_chunk(
+    weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, v0: int, v1: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """float32 weight and bias of vocabulary rows v0 .. v1, which labels fall in them [M],
+    and each label's column in the chunk [M, 1] (clamped where it falls outside)."""
+    w = weight[v0:v1].float()
+    b = bias[v0:v1].float() if bias is not None else None
+    in_chunk = (y >= v0) & (y < v1)
+    col = (y - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1)
+    return w, b, in_chunk, col
 
 
 def _chunk_logits(
@@ -682,22 +728,15 @@ def _forward_torch(
     tiling: Tiling,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row log-probabilities [N] and the counted tokens' log-sum-exp [M]."""
-    counted = labels != ignore_index
-    h = hidden[counted].float()  # [M, H]
-    y = labels[counted]  # [M]
+    counted, h, y = _counted_tokens(hidden, labels, ignore_index)  # [N, T], [M, H], [M]
     tokens, chunk = _chunk_shape(h.shape[0], weight.shape[0], tiling)
 
     lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32)
     target = torch.full((h.shape[0],), float("nan"), dtype=torch.float32)
-    for v0 in range(0, weight.shape[0], chunk):
-        v1 = min(v0 + chunk, weight.shape[0])
-        w = weight[v0:v1].float()
-        b = bias[v0:v1].float() if bias is not None else None
-        in_chunk = (y >= v0) & (y < v1)
-        col = (y - v0).clamp_(0, v1 - v0 - 1).unsqueeze(1)
+    for v0, v1 in _spans(weight.shape[0], chunk):
+        w, b, in_chunk, col = _vocab_chunk(weight, bias, y, v0, v1)
 
-        for t0 in range(0, h.shape[0], tokens):
-            t1 = min(t0 + tokens, h.shape[0])
+        for t0, t1 in _spans(h.shape[0], tokens):
             z = _chunk_logits(h[t0:t1], w, b, softcap)
             picked = z.gather(1, col[t0:t1]).squeeze(1)
             target[t0:t1] = torch.where(in_chunk[t0:t1], picked, target[t0:t1])
@@ -731,9 +770,7 @@ def _backward_torch(
     three products.
     """
     needs_h, needs_w, needs_b = needs
-    counted = labels != ignore_index
-    h = hidden[counted].float()  # [M, H]
-    y = labels[counted]  # [M]
+    counted, h, y = _counted_tokens(hidden, labels, ignore_index)  # [N, T], [M, H], [M]
     g = grad_lp.float().unsqueeze(1).expand(labels.shape)[counted]  # [M]
     vocab, width = weight.shape
     tokens, chunk = _chunk_shape(h.shape[0], vocab, tiling)
@@ -748,19 +785,15 @@ def _backward_torch(
     grad_b = torch.zeros(vocab, dtype=torch.float32) if needs_b else None
     neg_lse = lse.neg().unsqueeze(1)  # [M, 1]
 
-    for v0 in range(0, vocab, chunk):
-        v1 = min(v0 + chunk, vocab)
-        w = weight[v0:v1].float()
-        b = bias[v0:v1].float() if bias is not None else None
-        col = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
-        minus_onehot = torch.where((y >= v0) & (y < v1), -1.0, 0.0).unsqueeze(1)
+    for v0, v1 in _spans(vocab, chunk):
+        w, b, in_chunk, col = _vocab_chunk(weight, bias, y, v0, v1)
+        minus_onehot = torch.where(in_chunk, -1.0, 0.0).unsqueeze(1)
         block = None
         if needs_w:
             block = grad_w[v0:v1] if scratch is None else scratch[: v1 - v0]
             block.zero_()
 
-        for t0 in range(0, h.shape[0], tokens):
-            t1 = min(t0 + tokens, h.shape[0])
+        for t0, t1 in _spans(h.shape[0], tokens):
             if softcap is None:
                 # z - lse straight out of the product, when there is no bias to add first.
                 if b is None:
