@@ -143,6 +143,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr < 0 or self.beta <= 0:
             raise ValueError(f"lr must be >= 0 and beta > 0, got lr={self.lr} beta={self.beta}")
+        if self.objectives is not None and not self.objectives:
+            raise ValueError("objectives must name at least one objective, or be null")
         if self.data_mode != "pairs" and not self.dataset:
             raise ValueError(f"data_mode {self.data_mode!r} needs `dataset` (a file or hub name)")
 
@@ -181,7 +183,10 @@ def _coerce(name: str, value: object, annotation: object) -> object:
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if origin is dict and isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
+            # The values are file paths or hub names: null, lists or mappings are mistakes.
+            texts = (str, int, float)
+            if all(isinstance(v, texts) and not isinstance(v, bool) for v in value.values()):
+                return {str(k): str(v) for k, v in value.items()}
     raise ValueError(f"{name} expects {annotation}, got {value!r}")
 
 

@@ -300,6 +300,21 @@ def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
         from_dict({"max_steps": "many"})
 
 
+def test_config_refuses_empty_or_non_text_objectives():
+    # {a: null} became the path "None" (then looked up on the hub); {} failed only after
+    # the model had loaded.
+    with pytest.raises(ValueError, match="objectives expects"):
+        from_dict({"objectives": {"a": None}})
+    with pytest.raises(ValueError, match="objectives expects"):
+        from_dict({"objectives": {"a": ["x.jsonl"]}})
+    with pytest.raises(ValueError, match="objectives must name at least one"):
+        from_dict({"objectives": {}})
+    assert from_dict({"objectives": {"a": "x.jsonl", 2: "y.parquet"}}).objectives == {
+        "a": "x.jsonl",
+        "2": "y.parquet",
+    }
+
+
 @pytest.mark.parametrize("name", ["lr", "beta", "eta", "solver_tol", "eps"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_config_refuses_non_finite_numbers(name, value):
