@@ -562,6 +562,37 @@ def test_resume_keeps_the_checkpointed_steps_tensorboard_scalars(cache_dir, tmp_
         assert [e.step for e in events.Scalars(f"losses/{name}")] == [1, 2, 3]
 
 
+def test_checkpoints_are_atomic_pruned_and_skip_leftover_temporary_folders(tmp_path):
+    from mofast import checkpoint
+
+    model = torch.nn.Linear(3, 5)
+    # What a run killed while writing step 7 leaves: a temporary folder, never a step-7.
+    leftover = checkpoint.checkpoint_dir(tmp_path) / ".tmp-step-00000007-12345"
+    leftover.mkdir(parents=True)
+    (leftover / "state.pt").write_bytes(b"half")
+    assert checkpoint.latest_checkpoint(tmp_path) is None
+
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        checkpoint.save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    assert not leftover.exists(), "the next save removes what a killed run left"
+    found = checkpoint.list_checkpoints(tmp_path)
+    assert [step for step, _ in found] == [2, 3]
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == [
+        "step-00000002",
+        "step-00000003",
+    ]
+
+    fresh = torch.nn.Linear(3, 5)
+    state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path), fresh)
+    assert state == {"step": 3} and torch.equal(fresh.weight, torch.full((5, 3), 3.0))
+    with pytest.raises(FileNotFoundError, match="not a complete mofast checkpoint"):
+        checkpoint.load_checkpoint(leftover, fresh)
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        checkpoint.save_checkpoint(tmp_path, 4, model, {}, keep=0)
+
+
 def test_schedule_warms_up_from_above_zero_and_ends_at_zero():
     from mofast.trainer import cosine_with_warmup
 
