@@ -346,6 +346,19 @@ def _pairs_of_record(
     return pairs
 
 
+def _check_completions(completions: Any) -> None:
+    if not isinstance(completions, list | None):
+        wrong = f"a {type(completions).__name__}"
+    else:
+        wrong = next((c for c in completions or [] if not isinstance(c, Mapping)), None)
+        wrong = None if wrong is None else f"a list holding a {type(wrong).__name__}"
+    if wrong is not None:
+        raise ValueError(
+            "'completions' must be a list of objects (each with a 'response' and "
+            f"'annotations'), got {wrong}"
+        )
+
+
 def ultrafeedback_objectives(
     records: Iterable[Mapping], stats: dict[str, Counter] | None = None, mode: str = "aspects"
 ) -> dict[str, list[dict]]:
@@ -366,17 +379,10 @@ def ultrafeedback_objectives(
                 f"record {index}: an UltraFeedback record needs 'instruction' and "
                 f"'completions'; got {sorted(record)}"
             )
-        completions = record["completions"]
-        if not isinstance(completions, list | None):
-            wrong = f"a {type(completions).__name__}"
-        else:
-            wrong = next((c for c in completions or [] if not isinstance(c, Mapping)), None)
-            wrong = None if wrong is None else f"a list holding a {type(wrong).__name__}"
-        if wrong is not None:
-            raise ValueError(
-                f"record {index}: 'completions' must be a list of objects (each with a "
-                f"'response' and 'annotations'), got {wrong}"
-            )
+        try:
+            _check_completions(record["completions"])
+        except ValueError as error:
+            raise ValueError(f"record {index}: {error}") from None
         for name, score in scores.items():
             objectives[name].extend(_pairs_of_record(record, score, counters[name]))
     return objectives
@@ -384,6 +390,7 @@ def ultrafeedback_objectives(
 
 def golden_response(record: Mapping) -> str:
     """The best completion of an UltraFeedback record by its (mean) summed aspect rating."""
+    _check_completions(record.get("completions"))
     best_key, best_text = None, None
     for index, completion in enumerate(record.get("completions") or []):
         text = _text(completion.get("response"))

@@ -200,6 +200,8 @@ def test_golden_response_uses_mean_of_valid_ratings_and_breaks_ties():
 
     with pytest.raises(ValueError, match="no non-empty completion"):
         golden_response(_record("Q?", _completion("x", helpfulness="N/A")))
+    with pytest.raises(ValueError, match="'completions' must be a list of objects"):
+        golden_response({"instruction": "Q?", "completions": ["a", "b"]})
 
 
 # ---------------------------------------------------------------------------------------------
