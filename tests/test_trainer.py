@@ -174,6 +174,31 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
     assert any(not torch.equal(a, p) for a, p in zip(weights, trainer.buffers.params, strict=True))
 
 
+def test_a_non_finite_gradient_with_finite_losses_skips_the_update(trainer):
+    trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))  # optimiser state exists
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.config.lr
+    weights = _params(trainer)
+    state = [
+        {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+        for p in trainer.buffers.params
+    ]
+
+    stats = trainer.accumulate_gradients(trainer.prepare(trainer.sampler.window(0, 1)))
+    assert torch.isfinite(stats).all()
+    trainer.buffers.rows[1, 7] = float("inf")
+    with forbid_host_sync():
+        record = trainer.apply_update(stats[:, 0], stats[:, 1:])
+
+    k = trainer.k
+    assert record[2 * k + k * k] == 1, "the skip flag of the record"
+    for before, p in zip(weights, trainer.buffers.params, strict=True):
+        assert torch.equal(before, p)
+    for before, p in zip(state, trainer.buffers.params, strict=True):
+        for key, value in trainer.optimizer.state[p].items():
+            assert torch.equal(value, before[key]), key
+
+
 def test_bfloat16_buffers_accumulate_through_hooks(cache_dir, tmp_path):
     fp32 = Trainer(tiny(cache_dir), tmp_path / "fp32")
     bf16 = Trainer(tiny(cache_dir, grad_dtype="bfloat16"), tmp_path / "bf16")
