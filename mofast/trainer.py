@@ -572,10 +572,16 @@ class Trainer:
 
     def _reference_cache_file(self, name: str, model_hash: str) -> Path:
         dataset = self.datasets[name]
+        # Everything that changes the reference's rounding is part of the key, so a cached
+        # table always equals the policy's own log-probs at step 0 (the ln 2 check).
+        backend = [
+            repr(self.backend.dtype),
+            self.backend.attn_implementation,
+            self.backend.liger,
+            self.device.type,
+        ]
         key = hashlib.blake2b(
-            json.dumps(
-                [model_hash, dataset._fingerprint, len(dataset), self.backend.dtype.__repr__()]
-            ).encode(),
+            json.dumps([model_hash, dataset._fingerprint, len(dataset), *backend]).encode(),
             digest_size=16,
         ).hexdigest()
         root = Path(self.config.cache_dir) if self.config.cache_dir else _default_cache()

@@ -372,6 +372,10 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path):
 
     other_data = Trainer(tiny(cache, max_pairs=5), tmp_path / "c")
     assert other_data.reference_forwards > 0, "other tokenised data is another cache entry"
+    # Another attention implementation gives other rounding: a table from one would move
+    # the step-0 losses of the other off ln 2.
+    eager = Trainer(tiny(cache, max_pairs=6, attn_implementation="eager"), tmp_path / "d")
+    assert eager.reference_forwards > 0, "another attention implementation, another entry"
 
 
 def test_auto_reference_uses_the_cache_or_the_cheaper_way(trainer, cache_dir, tmp_path):
