@@ -187,15 +187,18 @@ def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
     return worst / scale if scale > 0 else worst
 
 
-def combine_step(trainer, combinator, losses: torch.Tensor) -> tuple:
-    """What apply_update does before AdamW: (G, c) with the combined gradient in buffers.flat."""
-    from mofast.kernels.combine import combine
-    from mofast.kernels.gram import gram
+def combine_step(trainer, combinator, losses: torch.Tensor, out: torch.Tensor) -> tuple:
+    """What apply_update does before AdamW: (G, c), with the combined gradient in `out`.
+
+    The trainer writes into buffers.flat, which is row 0 of the gradient buffer when the
+    dtypes agree; the benchmark writes elsewhere so the rows stay the step's gradients.
+    """
+    from mofast.kernels import combine, gram
 
     rows = trainer.buffers.rows
     G = gram(rows)
     c = combinator.weights(losses, G)
-    combine(rows, c, out=trainer.buffers.flat)
+    combine(rows, c, out=out)
     return G, c
 
 
@@ -207,9 +210,10 @@ def check_combine_steps(trainer, combinators: dict, losses: torch.Tensor) -> dic
         raise SystemExit("the step left a zero or non-finite gradient; nothing to compare")
 
     errors = {}
+    out = torch.empty_like(trainer.buffers.flat)
     for name, combinator in combinators.items():
-        trainer.buffers.flat.fill_(float("nan"))
-        G, c = combine_step(trainer, combinator, losses)
+        out.fill_(float("nan"))
+        G, c = combine_step(trainer, combinator, losses, out)
         if not torch.isfinite(c).all() or (c < 0).any():
             raise SystemExit(f"{name}: coefficients {c.tolist()} are not finite and >= 0")
 
@@ -219,7 +223,7 @@ def check_combine_steps(trainer, combinators: dict, losses: torch.Tensor) -> dic
             block = rows[:, start : start + REF_CHUNK].double()
             direction[start : start + REF_CHUNK] = c64 @ block
         gram_error = relative_error(G, G_ref)
-        combine_error = relative_error(trainer.buffers.flat, direction)
+        combine_error = relative_error(out, direction)
         if not (gram_error <= 1e-5 and combine_error <= 1e-5):
             raise SystemExit(
                 f"{name}: combine step differs from float64 (gram {gram_error:.2e}, "
@@ -365,11 +369,12 @@ def run(trainer, device: torch.device, repeats: int, update_repeats: int) -> tup
 
     # The update alone is cheap next to the forward and backward passes: time it more often,
     # on the gradients of the last step, still round by round.
+    combined = torch.empty_like(trainer.buffers.flat)
     for _ in range(update_repeats):
         for name, combinator in combinators.items():
             trainer.combinator = combinator
             update[name].append(timed(partial(trainer.apply_update, losses), device)[1])
-            step = partial(combine_step, trainer, combinator, losses)
+            step = partial(combine_step, trainer, combinator, losses, combined)
             combine_only[name].append(timed(step, device)[1])
 
     # Contention only ever adds time, so the best of the repeats estimates the cost and the
