@@ -9,9 +9,6 @@ measure meaningless; log-probabilities are compared row by row.
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 from mofast.kernels import sequence_logprobs
 from mofast.kernels.logprobs import Tiling, _backward_triton, _forward_triton, _sequence_logprobs
+from offline_compile import run_without_interpreter
 from sync_guard import forbid_host_sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -463,14 +461,7 @@ print("compiled")
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90_in_float64():
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # The knob only silences a deprecation warning of Triton 3.9 about its own default.
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FP64], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert "compiled" in run_without_interpreter(_COMPILE_FP64)
 
 
 # ---------------------------------------------------------------------------------------
