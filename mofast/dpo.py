@@ -12,6 +12,8 @@ device synchronisation) on every forward pass.
 import torch
 import torch.nn.functional as F
 
+from mofast.kernels import sequence_logprobs
+
 IGNORE_INDEX = -100
 
 # Causal-only attention implementations registered with transformers: the mask argument is
@@ -113,9 +115,6 @@ def sequence_logps(
 
     body = model.get_decoder()
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
-
-    # The op's module, not the package attribute, which is the module once it is imported.
-    from mofast.kernels.logprobs import sequence_logprobs
 
     head = model.get_output_embeddings()
     return sequence_logprobs(

@@ -32,6 +32,7 @@ import torch
 
 from mofast import checkpoint, distributed, dpo
 from mofast.config import TrainConfig, dump_yaml
+from mofast.kernels import combine, gram
 
 logger = logging.getLogger(__name__)
 
@@ -776,11 +777,6 @@ class Trainer:
         With several ranks the partial Gram (fsdp), the losses and `extra` are all-reduced in
         one call before the combinator (distributed.reduce_combine_inputs).
         """
-        # The op modules, not the package: once a module such as mofast.kernels.gram is
-        # imported, the package attribute `gram` is that module rather than the function.
-        from mofast.kernels.combine import combine
-        from mofast.kernels.gram import gram
-
         rows = self.buffers.rows
         G = gram(rows)
         if self.context.parallel != "none":
