@@ -13,7 +13,3 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 NATIVE_LIBRARY = _C.__file__
 
-
-def native_ops() -> list[str]:
-    """Names of the ops that the native extension registered (`mofast::...`)."""
-    return [f"mofast::{name}" for name in ("gram", "combine", "min_norm")]
