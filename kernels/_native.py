@@ -12,4 +12,3 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 NATIVE_LIBRARY = _C.__file__
-
