@@ -30,9 +30,10 @@ UltraFeedback (openbmb/UltraFeedback schema: `instruction` and `completions`)
     golden_response(record) -> str
     aspect_rating(completion, aspect) -> float | None
 
-    A rating is a string "1".."5" (numbers are accepted too); "N/A", a missing `Rating` or
-    anything that does not parse is no rating. An aspect given as a list of annotation
-    objects is read as the mean of the list's valid ratings (no rating when none is valid).
+    A rating is a string "1".."5" (numbers are accepted too); "N/A", a missing `Rating`, a
+    value outside 1..5 or anything that does not parse is no rating. An aspect given as a
+    list of annotation objects is read as the mean of the list's valid ratings (no rating when
+    none is valid).
     The golden response is the non-empty completion with the highest mean of its valid
     aspect ratings (the summed rating divided by 4 when all four exist, so sums and partial
     sums compare fairly); ties go to the completion with more valid ratings, then to the one
@@ -104,7 +105,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -289,7 +289,8 @@ def _rating(value: Any) -> float | None:
             value = float(value.strip())
         except ValueError:
             return None
-    if isinstance(value, int | float) and math.isfinite(value):
+    # SPEC section 4: ratings run from 1 to 5; anything else is no rating, as "N/A" is.
+    if isinstance(value, int | float) and 1.0 <= value <= 5.0:
         return float(value)
     return None
 

@@ -17,6 +17,7 @@ from mofast.data import (
     IGNORE_INDEX,
     MultiObjectiveSampler,
     PairCollator,
+    aspect_rating,
     default_objectives,
     encode_pair,
     golden_response,
@@ -178,6 +179,32 @@ def test_ultrafeedback_identical_texts_and_bad_input():
         ultrafeedback_objectives([{"instruction": "Q?", "completions": ["a", "b"]}])
     with pytest.raises(ValueError, match=r"record 0: 'completions' must be a list of objects"):
         ultrafeedback_objectives([{"instruction": "Q?", "completions": "ab"}])
+
+
+@pytest.mark.parametrize("bad", ["0", "6", "-1", "5.5", 7, float("inf"), float("nan"), True])
+def test_rating_outside_one_to_five_is_no_rating(bad):
+    # SPEC section 4: ratings run 1..5. A value outside that range must not win a pair (a "6"
+    # would beat every real rating) but count as a missing rating, like "N/A".
+    record = _record(
+        "Q?",
+        _completion("odd", helpfulness=bad, honesty=[bad, "2"]),
+        _completion("real", helpfulness="5", honesty="4"),
+        _completion("low", helpfulness="1", honesty="1"),
+    )
+    stats = {}
+    objectives = ultrafeedback_objectives([record], stats)
+
+    assert objectives["helpfulness"] == [_pair("Q?", "real", "low")]
+    assert stats["helpfulness"] == Counter(missing_rating=2)
+    # In a list of annotations the bad value is left out of the mean: honesty of "odd" is 2.
+    assert objectives["honesty"] == [
+        _pair("Q?", "real", "odd"),
+        _pair("Q?", "odd", "low"),
+        _pair("Q?", "real", "low"),
+    ]
+    assert aspect_rating(record["completions"][0], "helpfulness") is None
+    for good in ("1", "5", 3, 2.5):
+        assert aspect_rating(_completion("x", helpfulness=good), "helpfulness") == float(good)
 
 
 def test_golden_response_uses_mean_of_valid_ratings_and_breaks_ties():
