@@ -147,6 +147,17 @@ class TrainConfig:
             raise ValueError("objectives must name at least one objective, or be null")
         if self.data_mode != "pairs" and not self.dataset:
             raise ValueError(f"data_mode {self.data_mode!r} needs `dataset` (a file or hub name)")
+        # A field the chosen mode does not read would be ignored without a word.
+        if self.data_mode != "pairs" and self.objectives is not None:
+            raise ValueError(
+                f"objectives is read only with data_mode 'pairs'; data_mode {self.data_mode!r} "
+                "takes its objectives from the UltraFeedback aspects of `dataset`"
+            )
+        if self.data_mode == "pairs" and self.dataset is not None:
+            raise ValueError(
+                "dataset is read only with data_mode 'ultrafeedback' or 'cdpo'; with 'pairs' "
+                "name one file or hub dataset per objective in `objectives`"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

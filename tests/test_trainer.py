@@ -307,7 +307,7 @@ def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
     config_module.add_field_arguments(parser)
     args = parser.parse_args(
         ["--lr", "3e-6", "--liger", "off", "--max-steps", "5", "--objectives", "{a: x.jsonl}",
-         "--model", "null", "--plots", "false"]
+         "--data-mode", "pairs", "--dataset", "null", "--model", "null", "--plots", "false"]
     )  # fmt: skip
     config = from_dict(config_module.overrides_from_args(args), recipe)
     assert config.lr == 3e-6 and config.liger == "off" and config.max_steps == 5
@@ -338,6 +338,15 @@ def test_config_refuses_empty_or_non_text_objectives():
         "a": "x.jsonl",
         "2": "y.parquet",
     }
+
+
+def test_config_refuses_data_fields_its_mode_does_not_read():
+    # Both used to be ignored without a word: the run trained on other data than asked for.
+    with pytest.raises(ValueError, match="objectives is read only with data_mode 'pairs'"):
+        from_dict({"data_mode": "cdpo", "dataset": "uf.jsonl", "objectives": {"a": "x.jsonl"}})
+    with pytest.raises(ValueError, match="dataset is read only with data_mode"):
+        from_dict({"dataset": "uf.jsonl"})
+    assert from_dict({"data_mode": "ultrafeedback", "dataset": "uf.jsonl"}).objectives is None
 
 
 @pytest.mark.parametrize("name", ["lr", "beta", "eta", "solver_tol", "eps"])
