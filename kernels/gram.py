@@ -12,8 +12,9 @@ Device paths, both behind the one op name `mofast::gram`:
     CUDA  the Triton kernels below: a persistent pass in which each program walks groups
           of tiles, forms each tile's products in fp32 (one tl.dot of the tile with its
           transpose, on the tensor cores for bf16/fp16; a broadcast product for fp32 with
-          k <= 8) and adds each group into a float64 partial; then a deterministic float64
-          sum of the partials. No atomics, no host synchronisation.
+          k <= 8) and adds each group (each tile, on the tensor cores) into a float64
+          partial; then a deterministic float64 sum of the partials. No atomics, no host
+          synchronisation.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ __all__ = ["gram", "MAX_K"]
 MAX_K = 64
 
 # Elements of P that one group covers: its products are summed in fp32 before they are
-# added to the float64 partial, so this bounds the length of any fp32 sum.
+# added to the float64 partial, so this bounds the length of any fp32 sum (the tensor-core
+# path goes to float64 after every tile instead).
 _GROUP_ELEMS = 8192
 
 # (BLOCK, num_warps) of the [K_PAD, BLOCK] tile, per product path and K_PAD: the largest
-# tiles that compiled for sm_90 without spilling registers (cuobjdump -res-usage).
-_TILES_MMA = {16: (256, 4), 32: (128, 4), 64: (64, 8)}  # bf16/fp16 on the tensor cores
+# tiles that compiled for sm_90 without spilling registers (cuobjdump -res-usage). On the
+# tensor cores at most 128 columns, so that a tile's truncating fp32 chain stays at most 8
+# steps (BLOCK / 16) long.
+_TILES_MMA = {16: (128, 4), 32: (128, 4), 64: (64, 8)}  # bf16/fp16 on the tensor cores
 _TILES_FMA = {16: (256, 4), 32: (32, 8), 64: (32, 8)}  # fp32 tl.dot, IEEE precision
 _TILES_BROADCAST = {1: (1024, 4), 2: (1024, 4), 4: (512, 4), 8: (512, 8)}  # fp32, k <= 8
 
@@ -91,8 +95,11 @@ def _gram_partial_kernel(
                 tile = tile.to(tl.float32)
                 acc = tl.dot(tile, tl.trans(tile), acc, input_precision="ieee")
             else:
-                # Products of two bf16/fp16 values are exact in the fp32 accumulator.
-                acc = tl.dot(tile, tl.trans(tile), acc)
+                # Products of two bf16/fp16 values are exact, but the tensor cores truncate
+                # each fp32 partial sum: chained over a whole group that biases the diagonal
+                # low by ~1e-5. Each tile's dot starts from zero and goes to float64 at once,
+                # so a chain is BLOCK / 16 steps long.
+                total += tl.dot(tile, tl.trans(tile)).to(tl.float64)
         total += acc.to(tl.float64)
 
     out_rows = tl.arange(0, K_PAD)

@@ -9,9 +9,10 @@ import importlib
 
 import pytest
 import torch
+import triton
 from conftest import requires_cuda
 from mofast.kernels import gram
-from mofast.kernels.gram import MAX_K, _gram_triton
+from mofast.kernels.gram import _TILES_MMA, MAX_K, _gram_triton
 from offline_compile import run_without_interpreter
 from sync_guard import forbid_host_sync
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -236,6 +237,12 @@ def test_triton_refuses_k_past_its_limit():
         _gram_triton(torch.randn(MAX_K + 1, 100))
 
 
+def test_tensor_core_tiles_keep_truncating_chains_short():
+    # The tensor cores truncate every fp32 partial sum of a dot; a tile's chain is BLOCK / 16
+    # steps, and test_cuda_matches_fp64_reference's bound grows with it.
+    assert all(block // 16 <= 8 for block, _ in _TILES_MMA.values())
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [*KS, 33, MAX_K])
@@ -249,7 +256,14 @@ def test_cuda_matches_fp64_reference(dtype, k):
 
     assert torch.equal(G, G.T)
     assert _rel_err(G, ref) <= max(2 * _torch_err([X], ref), FP32_FLOOR)
-    assert _rel_err(G, _ref([X])) <= 1e-6
+    # fp32 products round to nearest on the CUDA cores. The tensor cores truncate each of
+    # the BLOCK / 16 partial sums of a tile's dot (a few ulps each, all towards zero), so
+    # the diagonal may sit that far low; chained over a whole group it sat ~1e-5 low.
+    limit = 1e-6
+    if dtype != torch.float32:
+        block, _ = _TILES_MMA[max(16, triton.next_power_of_2(k))]
+        limit = max(limit, block // 16 * 2.0**-21)
+    assert _rel_err(G, _ref([X])) <= limit
 
 
 @requires_cuda
