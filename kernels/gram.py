@@ -12,8 +12,8 @@ Device paths, both behind the one op name `mofast::gram`:
     CUDA  the Triton kernels below: a persistent pass in which each program walks groups
           of tiles, forms each tile's products in fp32 (one tl.dot of the tile with its
           transpose, on the tensor cores for bf16/fp16; a broadcast product for fp32 with
-          k <= 8) and adds each group (each tile, on the tensor cores) into a float64
-          partial; then a deterministic float64 sum of the partials. No atomics, no host
+          k <= 8) and adds each group (each tile, for tl.dot) into a float64 partial;
+          then a deterministic float64 sum of the partials. No atomics, no host
           synchronisation.
 """
 
@@ -32,9 +32,9 @@ __all__ = ["gram", "MAX_K"]
 # largest k it handles. The CPU path has no such limit.
 MAX_K = 64
 
-# Elements of P that one group covers: its products are summed in fp32 before they are
-# added to the float64 partial, so this bounds the length of any fp32 sum (the tensor-core
-# path goes to float64 after every tile instead).
+# Elements of P that one group covers: the broadcast path's products are summed in fp32
+# before they are added to the float64 partial, so this bounds the length of its fp32 sums
+# (the tl.dot paths go to float64 after every tile instead).
 _GROUP_ELEMS = 8192
 
 # (BLOCK, num_warps) of the [K_PAD, BLOCK] tile, per product path and K_PAD: the largest
@@ -92,8 +92,10 @@ def _gram_partial_kernel(
                 x = tile.to(tl.float32)
                 acc += tl.sum(x[:, None, :] * x[None, :, :], axis=2)
             elif UPCAST:
+                # The FMA dot sums each entry in one sequential fp32 chain; restarting it
+                # every tile keeps that chain BLOCK long instead of a whole group.
                 tile = tile.to(tl.float32)
-                acc = tl.dot(tile, tl.trans(tile), acc, input_precision="ieee")
+                total += tl.dot(tile, tl.trans(tile), input_precision="ieee").to(tl.float64)
             else:
                 # Products of two bf16/fp16 values are exact, but the tensor cores truncate
                 # each fp32 partial sum: chained over a whole group that biases the diagonal
