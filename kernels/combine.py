@@ -206,11 +206,15 @@ torch.library.register_fake("mofast::combine", _combine_fake, lib=_LIB)
 
 
 def _weights_for(c: torch.Tensor | Sequence[float], grads: torch.Tensor) -> torch.Tensor:
-    # A Python sequence is uploaded, a host-to-device copy that never waits; a tensor on
-    # another device is refused, since moving it to the host would wait for the device.
+    # A tensor on another device is refused, since moving it to the host would wait for the
+    # device. A Python sequence is uploaded: to a GPU through pinned memory, since a copy
+    # from pageable memory synchronises the stream (and fails under sync debug mode "error").
     if isinstance(c, torch.Tensor) and c.device != grads.device:
         raise ValueError(f"combine: c is on {c.device}, grads on {grads.device}")
-    weights = torch.as_tensor(c, device=grads.device)
+    if isinstance(c, torch.Tensor) or grads.device.type == "cpu":
+        weights = torch.as_tensor(c, device=grads.device)
+    else:
+        weights = torch.as_tensor(c).pin_memory().to(grads.device, non_blocking=True)
     if not weights.is_floating_point():
         raise TypeError(f"combine: c must be floating point, got {weights.dtype}")
     if weights.shape != grads.shape[:1]:
@@ -241,7 +245,9 @@ def combine(
 
     grads: a [k, P] tensor (rows may be strided, column stride 1) or a list of [k, P_j]
         shards; float32, float64, float16 or bfloat16.
-    c: the k mixing coefficients, a tensor on grads' device (any float dtype).
+    c: the k mixing coefficients: a tensor on grads' device (any float dtype), or a sequence
+        of floats, uploaded without a host synchronisation (inside a CUDA graph capture,
+        pass a device tensor).
     out: None (a new [P] tensor in grads' dtype), a contiguous [P] tensor of any float dtype
         that does not require grad, to write into (it may be exactly one row of grads; any
         other overlap with grads is refused), or for a list of shards a list of them.

@@ -372,6 +372,24 @@ def test_cuda_no_sync():
 
 
 @requires_cuda
+def test_cuda_weights_from_a_python_list_upload_without_a_sync():
+    # From pageable memory the upload would synchronise the stream; it goes through pinned
+    # memory instead.
+    grads = torch.randn(5, 100_003, device="cuda")
+    c = (torch.rand(5) + 0.1).tolist()
+    out = torch.empty(100_003, device="cuda")
+    combine(grads, c, out=out)
+    torch.cuda.synchronize()
+    out.fill_(float("nan"))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        combine(grads, c, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert _rel_err(out, _ref(grads, torch.tensor(c, device="cuda"))) <= FP32_FLOOR
+
+
+@requires_cuda
 def test_cuda_graph_gram_min_norm_combine():
     from mofast.kernels import min_norm
 
