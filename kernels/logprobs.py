@@ -55,6 +55,17 @@ class Tiling:
 
 CPU_TILING = Tiling()
 CUDA_TILING = Tiling(chunk_elements=1 << 26)
+# Three pipeline stages of float64 tiles need 240 KiB of shared memory in the forward, past
+# sm_90's 227 KiB per block (Triton refuses the launch); two need 144 KiB.
+CUDA_TILING_FLOAT64 = Tiling(chunk_elements=1 << 26, num_stages=2)
+
+
+def default_tiling(backend: str, dtype: torch.dtype) -> Tiling:
+    """The tiling that `sequence_logprobs` uses for this path and dtype."""
+    if backend != "triton":
+        return CPU_TILING
+    return CUDA_TILING_FLOAT64 if dtype == torch.float64 else CUDA_TILING
+
 
 # Enough programs in the forward grid to keep every streaming multiprocessor of a large GPU
 # busy several times over when there are few token blocks.
@@ -943,7 +954,7 @@ def _sequence_logprobs(
     if backend == "torch" and hidden.device.type != "cpu":
         raise ValueError(f"the torch path runs on the CPU, got tensors on {hidden.device}")
     if tiling is None:
-        tiling = CUDA_TILING if backend == "triton" else CPU_TILING
+        tiling = default_tiling(backend, hidden.dtype)
 
     # torch's gather and index ops take int32 or int64 indices only.
     if labels.dtype not in (torch.int32, torch.int64):

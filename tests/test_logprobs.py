@@ -412,10 +412,13 @@ def test_narrow_integer_labels(backend, tiling, dtype, ignore_index):
     assert torch.equal(narrow, wide)
 
 
-# Compiles the four Triton kernels for an sm_90 GPU at float64 with the compiler in the
-# triton wheel: the interpreter ran float64 while the GPU compiler rejected its tl.dot. A
-# fresh interpreter is needed because conftest has made the kernels interpreted functions.
-_COMPILE_FP64 = """
+# Compiles the four Triton kernels for an sm_90 GPU with the compiler in the triton wheel,
+# at the CUDA tiling (warps and pipeline stages too): float64, where the interpreter ran while
+# the GPU compiler rejected its tl.dot, and the dtypes a GPU run uses, bfloat16 (tensor
+# cores) and float32 (IEEE dots), whose tiles must fit sm_90's 227 KiB of shared memory per
+# block. A fresh interpreter is needed because conftest has made the kernels interpreted
+# functions. DTYPE is filled in per test.
+_COMPILE = """
 import importlib, os
 os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton
@@ -423,15 +426,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 L = importlib.import_module("mofast.kernels.logprobs")
 
+dtype = getattr(torch, "DTYPE")
+t = L.default_tiling("triton", dtype)
+
 def build(fn, pointers, ints, strides, constexprs):
     signature = {**pointers, **dict.fromkeys(ints, "i32"), **dict.fromkeys(strides, "i64")}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    options = {"num_warps": t.num_warps, "num_stages": t.num_stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert kernel.metadata.shared <= 227 * 1024, (fn.__name__, kernel.metadata.shared)
 
-t = L.CUDA_TILING
-prec = L._dot_precision(torch.float64)
-x, i64, f32 = "*fp64", "*i64", "*fp32"
+prec = L._dot_precision(dtype)
+x = {torch.float64: "*fp64", torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
+i64, f32 = "*i64", "*fp32"
 head = {"HAS_BIAS": True, "SOFTCAP": True, "BLOCK_M": t.block_m, "BLOCK_V": t.block_v,
         "BLOCK_K": t.block_k, "PRECISION": prec}
 reads = ["stride_hn", "stride_ht", "stride_hh", "stride_wv", "stride_wh", "stride_ln",
@@ -460,8 +468,9 @@ print("compiled")
 
 
 @pytest.mark.slow
-def test_triton_kernels_compile_for_sm90_in_float64():
-    assert "compiled" in run_without_interpreter(_COMPILE_FP64)
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float32"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    assert "compiled" in run_without_interpreter(_COMPILE.replace("DTYPE", dtype))
 
 
 # ---------------------------------------------------------------------------------------
