@@ -96,6 +96,10 @@ step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${gpu_test_fil
 # ----------------------------------------------------------------------------
 step bench-gram 50 "$PY" bench/bench_gram.py --repeats 20
 step bench-combine 30 "$PY" bench/bench_combine.py --repeats 20
+# The defaults' P is a multiple of 16; an odd P leaves Triton no alignment to vectorise
+# with (2-byte loads for bf16). One shape of each shows what that costs.
+step bench-odd-P 40 bash -c "$PY bench/bench_gram.py --P 50000017 --k 8 --dtype bfloat16 \
+  --repeats 10 && $PY bench/bench_combine.py --P 50000017 --k 8 --dtypes bf16:bf16 --repeats 10"
 step bench-min-norm 35 "$PY" bench/bench_min_norm.py --problems 2000 --subset 100
 step bench-logprobs 70 "$PY" bench/bench_logprobs.py --device cuda --repeats 2
 step bench-scaling 60 "$PY" bench/bench_scaling.py --device cuda --repeats 5
