@@ -20,7 +20,8 @@ Reading
     default_objectives(stats=None) -> {"overall_score": pairs, "rubric_mean": pairs}
         The embedded real data of `mofast.assets.DEFAULT_OBJECTIVES`; `stats` is a dict that
         receives one Counter per objective (overall_score drops 111 ties, 2 empty responses
-        and 3 pairs whose two responses are the same text).
+        and 3 pairs whose two responses are the same text; rubric_mean drops the 5 pairs
+        whose prompt is in the embedded evaluation set, as "held_out_prompt").
 
 UltraFeedback (openbmb/UltraFeedback schema: `instruction` and `completions`)
     ultrafeedback_objectives(records, stats=None, mode="aspects") -> {objective: pairs}
@@ -117,7 +118,7 @@ import numpy as np
 import torch
 from datasets.fingerprint import Hasher
 
-from mofast.assets import DEFAULT_OBJECTIVES
+from mofast.assets import DEFAULT_EVAL, DEFAULT_OBJECTIVES
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 IGNORE_INDEX = -100
@@ -269,12 +270,21 @@ def load_preferences(
 
 
 def default_objectives(stats: dict[str, Counter] | None = None) -> dict[str, list[dict]]:
-    """The embedded real data: {"overall_score": pairs, "rubric_mean": pairs}."""
+    """The embedded real data: {"overall_score": pairs, "rubric_mean": pairs}.
+
+    The two files come from different releases, and five rubric_mean prompts are also in the
+    embedded evaluation set (DEFAULT_EVAL): their pairs are dropped ("held_out_prompt") so
+    that no evaluation prompt is trained on (SPEC section 4: a prompt never crosses the split).
+    """
     stats = {} if stats is None else stats
-    return {
-        name: load_preferences(path, stats.setdefault(name, Counter()))
-        for name, path in DEFAULT_OBJECTIVES.items()
-    }
+    held_out = {pair["prompt"] for pair in load_preferences(DEFAULT_EVAL)}
+    objectives = {}
+    for name, path in DEFAULT_OBJECTIVES.items():
+        counter = stats.setdefault(name, Counter())
+        pairs = load_preferences(path, counter)
+        objectives[name] = [pair for pair in pairs if pair["prompt"] not in held_out]
+        counter["held_out_prompt"] += len(pairs) - len(objectives[name])
+    return objectives
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 import mofast.data as data
-from mofast.assets import STORIES260K
+from mofast.assets import DEFAULT_EVAL, STORIES260K
 from mofast.data import (
     IGNORE_INDEX,
     MultiObjectiveSampler,
@@ -407,7 +407,12 @@ def test_default_objectives_drop_counts():
     assert set(objectives) == {"overall_score", "rubric_mean"}
     assert stats["overall_score"]["tie"] == 111
     assert stats["overall_score"]["empty_response"] == 2
+    assert stats["rubric_mean"]["held_out_prompt"] == 5
+    # The embedded evaluation prompts are held out: no training pair of either objective uses
+    # one (five rubric_mean prompts are in the evaluation file).
+    held_out = {pair["prompt"] for pair in load_preferences(DEFAULT_EVAL)}
     for name, pairs in objectives.items():
+        assert not held_out & {p["prompt"] for p in pairs}, name
         assert len(pairs) + sum(stats[name].values()) == 1000
         assert all(p["chosen"].strip() and p["rejected"].strip() for p in pairs)
         assert all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
