@@ -23,9 +23,10 @@ dataset, in one of three schemas:
   the seeded split by prompt is used;
 - {prompt, golden}.
 
-A trained run folder (`--model runs/NAME`) holds its final model at its top level or in
-`final/` or `model/`, and its resolved config (`config.yaml`) names the starting model,
-which is evaluated as REFERENCE (`model: null` means the shipped stories260K).
+A trained run folder (`--model runs/NAME`) holds its final model in `model/`, where
+`mofast train` writes it (`final/` or the folder's top level are read too), and its
+resolved config (`config.yaml`) names the starting model, which is evaluated as
+REFERENCE (`model: null` means the shipped stories260K).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class ModelEntry:
 
 
 # Sub-folders where a run folder may keep its final model, in the order they are tried.
-FINAL_MODEL_DIRS = ("final", "model")
+FINAL_MODEL_DIRS = ("model", "final")
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
@@ -874,8 +875,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         action="append",
         required=True,
-        help="a trained run folder (final model at its top level or in final/), a model "
-        "folder or a hub id; repeat for several models",
+        help="a trained run folder (`mofast train` writes its final model to model/ in "
+        "it), a model folder or a hub id; repeat for several models",
     )
     parser.add_argument(
         "--model-name", action="append", help="label of each --model, in order (repeatable)"

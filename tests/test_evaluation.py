@@ -6,6 +6,7 @@ the constrained local judge (model name "constrained": always 1, 2 or 0) or by g
 generation of whatever text the model produces (model name "greedy": mostly invalid).
 """
 
+import argparse
 import gzip
 import hashlib
 import json
@@ -475,6 +476,20 @@ def test_run_folder_resolution(tmp_path):
     assert [m.label for m in labelled] == ["REFERENCE", "mine"]
     with pytest.raises(ValueError, match="holds no model"):
         evaluation.resolve_model(str(tmp_path))
+
+
+def test_eval_help_names_the_folder_the_trainer_writes(tmp_path):
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    action = next(a for a in parser._actions if "--model" in a.option_strings)
+    assert "model/" in action.help and "final/" not in action.help
+
+    # The folder the help names is the one a run folder is read from, ahead of final/.
+    run = tmp_path / "run"
+    for sub in ("final", "model"):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "config.json").write_text("{}")
+    assert evaluation.resolve_model(str(run)) == (str(run / "model"), str(run))
 
 
 def test_generation_cache_resumes_and_notices_new_settings(tmp_path):
