@@ -822,10 +822,14 @@ def evaluate(args: argparse.Namespace) -> int:
         logger.error("%s", err)
         return 2
     logger.info(
-        "judge: %d comparisons, %d from the cache, %d asked, %d invalid replies, %d failed",
+        "judge: %d comparisons: %d with a verdict cached by an earlier run, %d identical to "
+        "another comparison of this run (asked once), %d asked: %d answered (%d invalid "
+        "replies), %d failed",
         summary.total,
         summary.cached,
+        summary.duplicates,
         summary.asked,
+        summary.answered,
         summary.invalid,
         len(summary.failed),
     )
@@ -855,8 +859,10 @@ def evaluate(args: argparse.Namespace) -> int:
         logger.info("%s: %s", entry.label, counts)
     if summary.failed:
         logger.error(
-            "%d judge requests failed after their retries (first: %s); run the same command "
-            "again to ask only those",
+            "%d of %d comparisons have no verdict: %d judge requests failed after their "
+            "retries (first: %s); run the same command again to ask only those",
+            summary.missing,
+            summary.total,
             len(summary.failed),
             summary.failed[0][1],
         )

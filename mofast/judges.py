@@ -244,12 +244,22 @@ VerdictCallback = Callable[[Comparison, "str | None", dict], None]
 
 @dataclass
 class JudgingSummary:
-    """What one pass over a list of comparisons did."""
+    """What one pass over a list of comparisons did, each comparison counted once.
+
+    total = cached + duplicates + asked: `cached` found their verdict in the cache before
+    the pass (an earlier run's), `duplicates` repeat the key of another comparison of
+    this pass (two models wrote the same response) and share its request, `asked` are
+    the requests sent. Of those, `answered` came back (`invalid` of them not a verdict)
+    and `failed` did not; `missing` counts the comparisons left without a verdict.
+    """
 
     total: int = 0
     cached: int = 0
+    duplicates: int = 0
     asked: int = 0
+    answered: int = 0
     invalid: int = 0
+    missing: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -265,13 +275,18 @@ def judge_comparisons(
     listed in `failed` (key, reason) and not cached, so a rerun asks them again.
     """
     summary = JudgingSummary()
+    keys: list[str] = []
     pending: dict[str, Comparison] = {}
     for comparison in comparisons:
-        summary.total += 1
-        if comparison.key in cache or comparison.key in pending:
+        keys.append(comparison.key)
+        if comparison.key in cache:
             summary.cached += 1
+        elif comparison.key in pending:
+            summary.duplicates += 1
         else:
             pending[comparison.key] = comparison
+    summary.total = len(keys)
+    summary.asked = len(pending)
     lock = threading.Lock()
 
     def record(comparison: Comparison, reply: str | None, extra: dict) -> None:
@@ -289,12 +304,13 @@ def judge_comparisons(
         }
         cache.add(entry)
         with lock:
-            summary.asked += 1
+            summary.answered += 1
             summary.invalid += verdict is None
         if on_verdict is not None:
             on_verdict(entry)
 
     summary.failed = judge.judge(list(pending.values()), record)
+    summary.missing = sum(key not in cache for key in keys)
     return summary
 
 

@@ -10,6 +10,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -299,6 +300,50 @@ def test_verdict_cache_skips_a_torn_line_and_keeps_appending(tmp_path):
     again = judges.VerdictCache(path)
     assert sorted(again._records) == ["a", "b", "d"] and again.torn_lines == 1
     again.close()
+
+
+class _ListJudge:
+    """Answers "1" to every comparison except those whose prompt says FAIL (a failed request)."""
+
+    identity = "list-judge"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def judge(self, comparisons, on_verdict):
+        failed = []
+        for comparison in comparisons:
+            self.asked.append(comparison.key)
+            if "FAIL" in comparison.messages[1]["content"]:
+                failed.append((comparison.key, "injected"))
+            else:
+                on_verdict(comparison, "1", {})
+        return failed
+
+
+def test_judging_summary_tells_cached_from_duplicates_asked_and_failed(tmp_path):
+    prompts = judges.load_prompts()
+
+    def comparison(prompt, response):
+        return judges.make_comparison(
+            prompts, "list-judge", "overall", "model_first", prompt, response, "golden"
+        )
+
+    earlier = [comparison(f"earlier {i}", "r") for i in range(3)]
+    fresh = [comparison(f"fresh {i}", "r") for i in range(4)]
+    failing = [comparison(f"FAIL {i}", "r") for i in range(2)]
+    cache = judges.VerdictCache(tmp_path / "v.jsonl")
+    judges.judge_comparisons(_ListJudge(), earlier, cache)
+
+    # Two models that wrote the same responses: every comparison comes twice.
+    plan = [*earlier, *fresh, *failing] * 2
+    judge = _ListJudge()
+    summary = judges.judge_comparisons(judge, plan, cache)
+    cache.close()
+    assert summary.total == 18
+    assert (summary.cached, summary.duplicates, summary.asked) == (6, 6, 6)
+    assert (summary.answered, len(summary.failed), summary.missing) == (4, 2, 4)
+    assert sorted(judge.asked) == sorted(c.key for c in [*fresh, *failing])
 
 
 def test_order_is_seeded_recorded_and_mapped_to_outcomes():
@@ -613,6 +658,61 @@ def test_eval_and_report_end_to_end_over_http(stories, trained_run, tmp_path, mo
     overall = next(n for n in numbers if n["model"] == "toy-run" and n["question"] == "overall")
     mine = [r["outcome"] for r in rows if r["model"] == "toy-run" and r["question"] == "overall"]
     assert overall["win"] == mine.count("win") and overall["loss"] == mine.count("loss")
+
+
+def _identical_models_args(out: Path, base_url: str) -> list[str]:
+    """REFERENCE and a model that is the same stories260K: their responses are identical."""
+    argv = eval_args(out, STORIES260K, base_url, "constrained", "--limit", "2")
+    return [
+        *argv,
+        "--reference",
+        str(STORIES260K),
+        "--questions",
+        "overall,honesty",
+        "--judge-max-retries",
+        "0",
+    ]
+
+
+def test_eval_summary_counts_cached_duplicate_asked_and_failed_honestly(
+    stories, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("MOFAST_TEST_JUDGE_KEY", API_KEY)
+    caplog.set_level(logging.INFO, logger="mofast.evaluation")
+    out = tmp_path / "eval"
+    argv = _identical_models_args(out, "")
+
+    def summary_line() -> str:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge:")]
+        caplog.clear()
+        return lines[-1]
+
+    with ChatServer(stories) as server:
+        argv[argv.index("--judge-base-url") + 1] = server.base_url
+        server.fail_all_with = 503
+        assert cli_main(argv) == 1
+        # A fresh folder has no cache: the 4 shared comparisons are asked once and fail.
+        assert summary_line() == (
+            "judge: 8 comparisons: 0 with a verdict cached by an earlier run, 4 identical to "
+            "another comparison of this run (asked once), 4 asked: 0 answered (0 invalid "
+            "replies), 4 failed"
+        )
+        assert len(server.requests) == 4
+        rows = read_jsonl(out / "results.jsonl")
+        assert len(rows) == 8 and {r["outcome"] for r in rows} == {"missing"}
+
+        server.fail_all_with = None
+        assert cli_main(argv) == 0
+        assert summary_line().startswith(
+            "judge: 8 comparisons: 0 with a verdict cached by an earlier run, 4 identical to "
+            "another comparison of this run (asked once), 4 asked: 4 answered"
+        )
+        assert cli_main(argv) == 0
+        assert summary_line().startswith(
+            "judge: 8 comparisons: 8 with a verdict cached by an earlier run, 0 identical to "
+            "another comparison of this run (asked once), 0 asked: 0 answered"
+        )
+    assert len(server.requests) == 8
 
 
 def test_invalid_replies_are_recorded_and_counted_not_tied(
