@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mofast import checkpoint, distributed, dpo
@@ -480,6 +481,7 @@ class Trainer:
                 dropped or "",
             )
 
+        self.pair_tokens = {name: _pair_tokens(ds) for name, ds in self.datasets.items()}
         self.collator = data.PairCollator.for_tokenizer(self.tokenizer)
         # With several ranks `micro_batch` is per rank: the sampler draws global micro-batches
         # and each rank takes its slice (`prepare`), so every rank runs the same step count.
@@ -658,11 +660,13 @@ class Trainer:
             self.model, self.context, self.device, torch.float32 if master else None
         )
         logger.info(
-            "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch",
+            "%s on %d ranks (this is rank %d): %d pairs per objective and micro-batch, %d "
+            "of them on each rank",
             self.context.parallel,
             self.context.world_size,
             self.context.rank,
             self.sampler.micro_batch,
+            self.config.micro_batch,
         )
 
     @torch.no_grad()
@@ -700,6 +704,15 @@ class Trainer:
             reference=reference,
             pairs=pairs,
             tokens=int(mask.sum()),
+        )
+
+    def window_tokens(self, window: dict[str, list[list[int]]]) -> int:
+        """Non-padding tokens of a whole (global) window: the step's throughput on all ranks,
+        counted on the host from the tokenised lengths, so no rank needs to ask the others."""
+        return sum(
+            int(self.pair_tokens[name][indices].sum())
+            for name, micro in window.items()
+            for indices in micro
         )
 
     def prepare(self, window: dict[str, list[list[int]]]) -> list[list[MicroBatch]]:
@@ -956,9 +969,9 @@ class Trainer:
             self.k,
             self.total_steps,
             self.sampler.steps_per_epoch,
-            config.micro_batch * config.grad_accum,
+            self.sampler.micro_batch * config.grad_accum,
             config.grad_accum,
-            config.micro_batch,
+            self.sampler.micro_batch,
             config.lr,
         )
         start_step = self.step
@@ -979,8 +992,7 @@ class Trainer:
                     batches = self.prepare(window)
                     record = self.train_step(batches)
                     self.step += 1
-                    tokens = sum(mb.tokens for micro in batches for mb in micro)
-                    self._pending.append((self.step, tokens, lr, record))
+                    self._pending.append((self.step, self.window_tokens(window), lr, record))
 
                     if self.step % config.log_every == 0 or self.step == self.total_steps:
                         last = self.flush_metrics()[-1]
@@ -1031,6 +1043,15 @@ class Trainer:
             save_final_model(self.model, self.tokenizer, self.run_dir / "model", weights)
             logger.info("final model saved in %s", self.run_dir / "model")
         distributed.barrier(self.context)
+
+
+def _pair_tokens(dataset) -> np.ndarray:
+    """Tokens of each encoded pair (chosen row + rejected row), read from the Arrow lengths."""
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")
+    lengths = [pc.list_value_length(table[f"{side}_input_ids"]) for side in ("chosen", "rejected")]
+    return pc.add(*lengths).to_numpy()
 
 
 def cosine_with_warmup(warmup_ratio: float, total_steps: int):

@@ -208,6 +208,10 @@ def test_rank_zero_logs_the_bytes_of_the_one_all_reduce(runs, mode):
     statistics = 3 * k * 4
     expected = k * k * 4 + statistics if mode == "fsdp" else statistics
     assert all(e["comm_bytes"] == expected for e in entries)
+
+    # Throughput counts the whole global batch, not rank 0's share of it.
+    single = (runs["root"] / "single" / "metrics.jsonl").read_text().splitlines()
+    assert [e["tokens"] for e in entries] == [json.loads(line)["tokens"] for line in single]
     assert all(math.isfinite(e["losses"][n]) for e in entries for n in e["losses"])
 
 
