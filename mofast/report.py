@@ -3,9 +3,13 @@
 Reads the `results.jsonl` of one or more `mofast eval` output folders. Per model and per
 question (overall and each objective): the win, tie and loss rates of the model's
 response against the golden one, over the valid verdicts, and the net win rate
-(win% - loss%). Each model is compared with REFERENCE (the untouched starting model) by a
-paired bootstrap over prompts: the prompt's score is +1 / 0 / -1 for win / tie / loss,
-the statistic is the mean score difference (= the difference of net win rates), and an
+(win% - loss%). Invalid replies (not 1, 2 or 0) and missing verdicts (failed judge
+requests, which a rerun of `mofast eval` asks again) are counted apart, never as ties;
+a report with missing verdicts says so at its top and exits with status 1.
+
+Each model is compared with REFERENCE (the untouched starting model) by a paired
+bootstrap over prompts: the prompt's score is +1 / 0 / -1 for win / tie / loss, the
+statistic is the mean score difference (= the difference of net win rates), and an
 improvement is significant when the lower end of the (1 - alpha) percentile interval is
 above zero.
 
@@ -173,17 +177,28 @@ def load_folder(folder: str | Path) -> tuple[list[System], dict]:
     return systems, meta
 
 
-def gather(folders: list[str | Path]) -> tuple[list[System], list[dict]]:
+@dataclasses.dataclass
+class Folder:
+    """One eval folder: its eval.json and how many of its comparisons lack a verdict."""
+
+    path: str
+    meta: dict
+    comparisons: int
+    missing: int
+
+
+def gather(folders: list[str | Path]) -> tuple[list[System], list[Folder]]:
     """Systems of several folders, each model paired with its own folder's REFERENCE.
 
     REFERENCE rows that agree across folders are shown once; labels that clash are
     suffixed with their folder's name.
     """
     systems: list[System] = []
-    metas = []
+    read = []
     for folder in folders:
         found, meta = load_folder(folder)
-        metas.append(meta)
+        outcomes = [o for s in found for per_q in s.outcomes.values() for o in per_q.values()]
+        read.append(Folder(str(folder), meta, len(outcomes), outcomes.count("missing")))
         for system in found:
             clash = next((s for s in systems if s.label == system.label), None)
             if clash is not None and clash.outcomes == system.outcomes:
@@ -200,7 +215,7 @@ def gather(folders: list[str | Path]) -> tuple[list[System], list[dict]]:
     for system in systems:
         if system.reference is None and not system.label.startswith(REFERENCE):
             system.reference = first_reference
-    return systems, metas
+    return systems, read
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,9 +313,12 @@ def markdown(
         f"Δ = net win rate minus REFERENCE's on the prompts both judged, with its {level} "
         "bootstrap interval and two-sided p-value.",
         "",
-        "| question | model | win % | tie % | loss % | net | invalid | n | Δ vs REFERENCE "
-        f"[{level} CI] | p |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "invalid = the judge replied something other than 1, 2 or 0; missing = the judge "
+        "request failed, so there is no reply yet; n = valid verdicts.",
+        "",
+        "| question | model | win % | tie % | loss % | net | invalid | missing | n "
+        f"| Δ vs REFERENCE [{level} CI] | p |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for question in questions:
         group = [by[(label, question)] for label in labels]
@@ -323,7 +341,7 @@ def markdown(
             lines.append(
                 f"| {question} | {row.label} | {_bold(_fmt(t.rate('win')), i in best['win'])} "
                 f"| {_fmt(t.rate('tie'))} | {_bold(_fmt(t.rate('loss')), i in best['loss'])} "
-                f"| {_bold(_fmt(t.net, True), i in best['net'])} | {t.invalid + t.missing} "
+                f"| {_bold(_fmt(t.net, True), i in best['net'])} | {t.invalid} | {t.missing} "
                 f"| {t.valid} | {delta} | {p} |"
             )
     return "\n".join(lines) + "\n"
@@ -373,9 +391,9 @@ def build_report(
     resamples: int = 10_000,
     alpha: float = 0.05,
     seed: int = 0,
-) -> tuple[str, list[Row], list[str], list[str]]:
-    """(Markdown, rows, model labels, questions) for the given eval folders."""
-    systems, metas = gather(folders)
+) -> tuple[str, list[Row], list[str], list[str], list[Folder]]:
+    """(Markdown, rows, model labels, questions, folders read) for the given eval folders."""
+    systems, read = gather(folders)
     if not systems:
         raise ValueError("the eval folders hold no results")
     present = {q for s in systems for q in s.outcomes}
@@ -384,16 +402,24 @@ def build_report(
     rows = analyse(systems, questions, resamples=resamples, alpha=alpha, seed=seed)
 
     notes = []
-    for folder, meta in zip(folders, metas, strict=True):
-        heldout = meta.get("heldout", {})
+    for folder in read:
+        if folder.missing:
+            notes.append(
+                f"**{folder.missing} of {folder.comparisons} verdicts missing** in "
+                f"`{folder.path}`: their judge requests failed, so the rates and tests below use "
+                "only the verdicts present; run the same `mofast eval` command again to ask "
+                "only the missing ones"
+            )
+    for folder in read:
+        meta, heldout = folder.meta, folder.meta.get("heldout", {})
         notes.append(
-            f"`{folder}`: judge `{meta.get('judge', '?')}`, {heldout.get('prompts', '?')} "
+            f"`{folder.path}`: judge `{meta.get('judge', '?')}`, {heldout.get('prompts', '?')} "
             f"prompts from `{heldout.get('source', '?')}` ({heldout.get('golden', '?')})"
         )
     if not any(s.label.startswith(REFERENCE) for s in systems):
         notes.append("no REFERENCE in these folders: no significance test")
     notes.append(f"bootstrap: {resamples} resamples, seed {seed}")
-    return markdown(rows, labels, questions, alpha, notes), rows, labels, questions
+    return markdown(rows, labels, questions, alpha, notes), rows, labels, questions, read
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -407,7 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        text, rows, labels, questions = build_report(
+        text, rows, labels, questions, read = build_report(
             args.folders, resamples=args.resamples, alpha=args.alpha, seed=args.seed
         )
     except (ValueError, FileNotFoundError) as err:
@@ -436,4 +462,15 @@ def run(args: argparse.Namespace) -> int:
         logger.info("wrote %s", png)
     else:
         logger.warning("no REFERENCE to compare with: no bar chart")
-    return 0
+
+    incomplete = [f for f in read if f.missing]
+    for folder in incomplete:
+        logger.error(
+            "%d of %d verdicts are missing in %s (failed judge requests); the report uses "
+            "only the verdicts present: run the same `mofast eval` command again to ask only "
+            "those",
+            folder.missing,
+            folder.comparisons,
+            folder.path,
+        )
+    return 1 if incomplete else 0

@@ -700,6 +700,11 @@ def test_eval_summary_counts_cached_duplicate_asked_and_failed_honestly(
         assert len(server.requests) == 4
         rows = read_jsonl(out / "results.jsonl")
         assert len(rows) == 8 and {r["outcome"] for r in rows} == {"missing"}
+        # The report counts them as missing, not invalid, and exits 1 as eval did.
+        assert cli_main(["report", str(out), "--resamples", "100"]) == 1
+        numbers = json.loads((out / "report.json").read_text())
+        assert {(n["invalid"], n["missing"]) for n in numbers} == {(0, 2)}
+        assert "**8 of 8 verdicts missing**" in (out / "report.md").read_text()
 
         server.fail_all_with = None
         assert cli_main(argv) == 0

@@ -112,7 +112,7 @@ def test_report_tallies_marks_and_plot(tmp_path):
     detail = text.split("## Win / tie / loss per question")[1]
     flaky_row = next(line for line in detail.splitlines() if "| overall | flaky |" in line)
     cells = [c.strip() for c in flaky_row.split("|")]
-    assert cells[3:9] == ["0.0", "100.0", "**0.0**", "+0.0", "5", str(n - 5)]
+    assert cells[3:10] == ["0.0", "100.0", "**0.0**", "+0.0", "5", "0", str(n - 5)]
 
     png = folder / "net_win_rate.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -123,7 +123,7 @@ def test_report_over_several_folders_shares_an_identical_reference(tmp_path):
     reference = {"overall": _mixed(n, 6)}
     _write_folder(tmp_path / "a", {"REFERENCE": reference, "m": {"overall": ["win"] * n}})
     _write_folder(tmp_path / "b", {"REFERENCE": reference, "m": {"overall": ["loss"] * n}})
-    text, rows, labels, _ = report.build_report([tmp_path / "a", tmp_path / "b"], resamples=1000)
+    text, rows, labels, _, _ = report.build_report([tmp_path / "a", tmp_path / "b"], resamples=1000)
     assert labels == ["REFERENCE", "m", "m (b)"]
     by = {r.label: r for r in rows}
     assert by["m"].test.significant and not by["m (b)"].test.significant
@@ -132,7 +132,7 @@ def test_report_over_several_folders_shares_an_identical_reference(tmp_path):
 
 def test_report_without_a_reference_or_results(tmp_path):
     _write_folder(tmp_path / "solo", {"m": {"overall": _mixed(9, 7)}})
-    text, rows, _, _ = report.build_report([tmp_path / "solo"], resamples=100)
+    text, rows, _, _, _ = report.build_report([tmp_path / "solo"], resamples=100)
     assert rows[0].test is None and "no REFERENCE" in text
     assert not report.plot(rows, ["m"], ["overall"], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
@@ -140,3 +140,46 @@ def test_report_without_a_reference_or_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a `mofast eval` output folder"):
         report.load_folder(tmp_path)
     assert cli_main(["report", str(tmp_path)]) == 2
+
+
+def test_report_keeps_missing_verdicts_apart_from_invalid_and_says_so(tmp_path, caplog):
+    n = 23
+    reference = _mixed(n, 8)
+    model = ["missing"] * 4 + ["invalid"] * 3 + _mixed(n - 7, 9)
+    folder = tmp_path / "eval"
+    _write_folder(folder, {"REFERENCE": {"overall": reference}, "m": {"overall": model}})
+    caplog.set_level("ERROR", logger="mofast.report")
+    # An incomplete evaluation exits 1, as `mofast eval` does when requests failed.
+    assert cli_main(["report", str(folder), "--resamples", "500"]) == 1
+    assert any(
+        "4 of 46 verdicts are missing" in r.getMessage()
+        and "run the same `mofast eval`" in r.getMessage()
+        for r in caplog.records
+    )
+
+    text = (folder / "report.md").read_text()
+    head = text.split("## Net win rate")[0]
+    assert f"**4 of {2 * n} verdicts missing** in `{folder}`" in head
+    assert "run the same `mofast eval` command again" in head
+    detail = text.split("## Win / tie / loss per question")[1]
+    header = next(line for line in detail.splitlines() if line.startswith("| question"))
+    columns = [c.strip() for c in header.split("|")]
+    row = next(line for line in detail.splitlines() if "| overall | m |" in line)
+    cells = dict(zip(columns, (c.strip() for c in row.split("|")), strict=True))
+    assert (cells["invalid"], cells["missing"], cells["n"]) == ("3", "4", str(n - 7))
+
+    numbers = json.loads((folder / "report.json").read_text())
+    mine = next(r for r in numbers if r["model"] == "m")
+    assert (mine["invalid"], mine["missing"], mine["bootstrap"]["n"]) == (3, 4, n - 7)
+
+    # Every verdict missing (the judge was unreachable): n/a rates, counted as missing only.
+    _write_folder(tmp_path / "down", {"m": {"overall": ["missing"] * 5}})
+    text, rows, _, _, read = report.build_report([tmp_path / "down"], resamples=100)
+    assert (rows[0].tally.missing, rows[0].tally.invalid, rows[0].tally.valid) == (5, 0, 0)
+    assert (read[0].missing, read[0].comparisons) == (5, 5)
+    assert "**5 of 5 verdicts missing**" in text
+
+    complete = tmp_path / "complete"
+    _write_folder(complete, {"REFERENCE": {"overall": reference}, "m": {"overall": reference}})
+    assert cli_main(["report", str(complete), "--resamples", "100"]) == 0
+    assert "verdicts missing" not in (complete / "report.md").read_text()
