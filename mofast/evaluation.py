@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from mofast.assets import DEFAULT_EVAL, STORIES260K
+from mofast.assets import ASSETS, DEFAULT_EVAL, STORIES260K
 from mofast.judges import (
     MAX_COMPLETION_TOKENS,
     QUESTIONS,
@@ -225,15 +225,55 @@ class ModelEntry:
 FINAL_MODEL_DIRS = ("model", "final")
 
 
-def resolve_model(name_or_path: str) -> tuple[str, str | None]:
+def shipped_models() -> dict[str, Path]:
+    """The models shipped in mofast/assets, by folder name (`stories260K`)."""
+    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()}
+
+
+def locate_model(name_or_path: str, option: str) -> str:
+    """A local path as given, a shipped model's folder for its name, or a checked hub id.
+
+    Done before anything is generated, so a model that cannot be loaded stops the run at
+    once with an error naming `option` (the command-line option that gave it).
+    """
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    shipped = shipped_models()
+    if name_or_path in shipped:
+        return str(shipped[name_or_path])
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    names = ", ".join(shipped)
+    try:
+        # The config is what loading reads first; fetching it now costs one small file.
+        hf_hub_download(name_or_path, "config.json")
+    except HFValidationError:
+        raise ValueError(
+            f"{option} {name_or_path}: no such file or folder (relative paths start at "
+            f"{Path.cwd()}), not a shipped model ({names}) and not a hub id"
+        ) from None
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{option} {name_or_path}: not a local folder or a shipped model ({names}), and "
+            f"no model config on the hub for it ({reason})"
+        ) from None
+    return name_or_path
+
+
+def resolve_model(name_or_path: str, option: str = "--model") -> tuple[str, str | None]:
     """(model folder or hub id, the run folder it came from or None).
 
     A trained run folder holds its final model in Hugging Face format at its top level or
-    in one of FINAL_MODEL_DIRS: whichever has a config.json (a sub-folder first).
+    in one of FINAL_MODEL_DIRS: whichever has a config.json (a sub-folder first). A name
+    that is no local path is a shipped model's (`stories260K`) or a hub id.
     """
-    path = Path(name_or_path)
+    located = locate_model(name_or_path, option)
+    path = Path(located)
     if not path.exists():
-        return name_or_path, None
+        return located, None
     if not path.is_dir():
         raise ValueError(f"model {path} is a file; give a model folder, a run folder or a hub id")
     for sub in FINAL_MODEL_DIRS:
@@ -334,7 +374,9 @@ def plan_models(
                 "MODEL, label one --model as REFERENCE, or pass --no-reference"
             )
         reference = found.pop()
-    path, run_dir = resolve_model(reference)
+        path, run_dir = resolve_model(reference, "the starting model named by the run config")
+    else:
+        path, run_dir = resolve_model(reference, "--reference")
     return [ModelEntry(REFERENCE, path, run_dir), *entries]
 
 
@@ -719,9 +761,14 @@ def build_judge(args: argparse.Namespace):
             timeout_s=args.judge_timeout,
             max_tokens=args.judge_max_tokens,
         )
-    model = args.judge_model
-    if not model:
-        raise ValueError("--judge local needs --judge-model PATH (a local model folder)")
+    if not args.judge_model:
+        raise ValueError(
+            f"--judge local needs --judge-model: a model folder, a shipped model "
+            f"({', '.join(shipped_models())}) or a hub id"
+        )
+    model = locate_model(args.judge_model, "--judge-model")
+    if Path(model).exists() and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--judge-model {args.judge_model}: {model} holds no config.json")
     return LocalJudge(
         model,
         device=None if args.judge_device == "auto" else args.judge_device,
@@ -761,7 +808,10 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     settings.validate()
 
+    # Every model and the judge are found first: a bad name stops the run before hours of
+    # generation, not after.
     models = plan_models(args.model, args.model_name, args.reference, args.no_reference)
+    judge = build_judge(args)
     configs = [c for c in (run_config(e.run_dir) for e in models if e.run_dir) if c]
     split_seed = args.split_seed
     if split_seed is None:
@@ -790,7 +840,6 @@ def evaluate(args: argparse.Namespace) -> int:
                 entry, heldout, settings, out_dir, progress=bar.update
             )
 
-    judge = build_judge(args)
     plan = plan_comparisons(
         prompts_config, judge.identity, models, heldout, responses, questions, args.seed
     )
@@ -882,7 +931,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         help="a trained run folder (`mofast train` writes its final model to model/ in "
-        "it), a model folder or a hub id; repeat for several models",
+        "it), a model folder, a shipped model (stories260K) or a hub id; repeat for several "
+        "models",
     )
     parser.add_argument(
         "--model-name", action="append", help="label of each --model, in order (repeatable)"
@@ -936,7 +986,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     judge = parser.add_argument_group("judge")
     judge.add_argument("--judge", choices=("openai", "local"), required=True)
-    judge.add_argument("--judge-model", help="model name at the endpoint, or a local model folder")
+    judge.add_argument(
+        "--judge-model",
+        help="model name at the endpoint; for --judge local a model folder, a shipped model "
+        "(stories260K) or a hub id",
+    )
     judge.add_argument(
         "--judge-base-url",
         default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),

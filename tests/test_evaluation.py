@@ -537,6 +537,46 @@ def test_eval_help_names_the_folder_the_trainer_writes(tmp_path):
     assert evaluation.resolve_model(str(run)) == (str(run / "model"), str(run))
 
 
+def test_models_are_checked_before_generating_and_shipped_ones_found_by_name(
+    tmp_path, monkeypatch, caplog
+):
+    import huggingface_hub.constants
+
+    # Run from a folder that is not the repository, as after `pip install .`.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    caplog.set_level(logging.ERROR, logger="mofast.evaluation")
+    out = tmp_path / "eval"
+    local = ["--output-dir", str(out), "--limit", "1", "--max-new-tokens", "4"]
+    local += ["--questions", "overall", "--judge", "local"]
+    model = ["--model", "stories260K", "--reference", "stories260K"]
+
+    assert cli_main(["eval", *model, *local, "--judge-model", "mofast/assets/stories260K"]) == 2
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("--judge-model mofast/assets/stories260K: no such file or folder")
+    assert "stories260K" in message.split("shipped model")[1] and "\n" not in message
+    assert not (out / "generations").exists()
+
+    caplog.clear()
+    argv = ["eval", "--model", "nobody/no-such-model", *local, "--judge-model", "stories260K"]
+    assert cli_main(argv) == 2
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("--model nobody/no-such-model: not a local folder or a shipped")
+    assert not (out / "generations").exists()
+
+    assert evaluation.resolve_model("stories260K") == (str(STORIES260K), None)
+    assert evaluation.shipped_models() == {"stories260K": STORIES260K}
+
+    # The README's command with the shipped judge by name works from anywhere.
+    argv = ["eval", *model, "--model-name", "same", *local, "--judge-model", "stories260K"]
+    assert cli_main([*argv, "--judge-device", "cpu", "--device", "cpu"]) == 0
+    meta = json.loads((out / "eval.json").read_text())
+    assert meta["judge"] == f"local:{STORIES260K}"
+    assert [m["path"] for m in meta["models"]] == [str(STORIES260K)] * 2
+    rows = read_jsonl(out / "results.jsonl")
+    assert len(rows) == 2 and all(r["outcome"] in ("win", "tie", "loss") for r in rows)
+
+
 def test_generation_cache_resumes_and_notices_new_settings(tmp_path):
     prompts, _ = evaluation.load_heldout(limit=5)
     entry = evaluation.ModelEntry("m", str(STORIES260K))
