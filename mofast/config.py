@@ -35,6 +35,8 @@ class TrainConfig:
     device: str = "auto"
     # CPU threads for torch (None: torch's default, one per core).
     threads: int | None = None
+    # The model's compute dtype (auto: bfloat16 on CUDA, float32 elsewhere). With float32
+    # `grad_dtype` a lower one runs under autocast over float32 weights (trainer.select_backend).
     dtype: str = "auto"
     attn_implementation: str = "auto"
     liger: str = "auto"

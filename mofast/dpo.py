@@ -117,11 +117,19 @@ def sequence_logps(
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
 
     head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # The fused op is not an autocast op: cast its operands as autocast casts a linear
+        # layer's, so the head runs in the autocast dtype like the rest of the model.
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return sequence_logprobs(
         hidden[:, :-1],
-        head.weight,
+        weight,
         labels[:, 1:],
-        bias=head.bias,
+        bias=bias,
         ignore_index=IGNORE_INDEX,
         softcap=getattr(model.config, "final_logit_softcapping", None),
     )

@@ -47,12 +47,14 @@ _MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """How the model runs: its dtype, attention implementation and whether Liger patches it."""
+    """How the model runs: its weights' dtype, the forward's autocast dtype (None: the
+    weights' own), its attention implementation and whether Liger patches it."""
 
     device: str
     dtype: torch.dtype
     attn_implementation: str
     liger: bool
+    autocast: torch.dtype | None = None
 
 
 def select_backend(
@@ -65,6 +67,7 @@ def select_backend(
     attn_softcap: bool = False,
     flash_attn_installed: bool = False,
     liger_model_types: frozenset[str] = frozenset(),
+    float32_master: bool = False,
 ) -> Backend:
     """The backend for a device (a pure function of its arguments).
 
@@ -74,6 +77,11 @@ def select_backend(
     Triton-only). A model that soft-caps its attention logits (Gemma-2) gets Flash Attention
     (which soft-caps) or eager attention, never SDPA. An explicit request that cannot be met
     raises ValueError naming the reason.
+
+    With `float32_master` a lower-precision dtype becomes the forward's autocast dtype and the
+    weights stay float32: an AdamW step is about lr (1e-7 in the recipe), far below half the
+    spacing of bfloat16 numbers near a typical weight (~6e-5 at 0.02), so bfloat16 weights
+    would round every update away.
     """
     cuda = device_type == "cuda"
 
@@ -116,7 +124,10 @@ def select_backend(
     else:
         raise ValueError(f"liger must be auto, on or off, got {liger!r}")
 
-    return Backend(device_type, chosen_dtype, dpo.causal_attention(attn), use_liger)
+    autocast = None
+    if float32_master and chosen_dtype != torch.float32:
+        chosen_dtype, autocast = torch.float32, chosen_dtype
+    return Backend(device_type, chosen_dtype, dpo.causal_attention(attn), use_liger, autocast)
 
 
 def _flash_attn_installed() -> bool:
@@ -184,6 +195,9 @@ def load_model(config: TrainConfig, device: torch.device, *, move: bool = True):
         attn_softcap=getattr(model_config, "attn_logit_softcapping", None) is not None,
         flash_attn_installed=_flash_attn_installed(),
         liger_model_types=_liger_model_types() if device.type == "cuda" else frozenset(),
+        # FSDP2 keeps float32 master shards itself (distributed.wrap); float32 gradient
+        # buffers mean float32 weights elsewhere.
+        float32_master=config.grad_dtype == "float32" and config.parallel != "fsdp",
     )
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -459,10 +473,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(config)
         self.model, self.backend = load_model(config, self.device, move=not self.context.sharded)
         logger.info(
-            "model %s on %s: %s, attention %s, liger %s, %.1fM parameters",
+            "model %s on %s: %s weights%s, attention %s, liger %s, %.1fM parameters",
             config.model or "stories260K (shipped)",
             self.device,
             self.backend.dtype,
+            f" under {self.backend.autocast} autocast" if self.backend.autocast else "",
             self.backend.attn_implementation,
             self.backend.liger,
             sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -579,6 +594,7 @@ class Trainer:
         # table always equals the policy's own log-probs at step 0 (the ln 2 check).
         backend = [
             repr(self.backend.dtype),
+            repr(self.backend.autocast),
             self.backend.attn_implementation,
             self.backend.liger,
             self.device.type,
@@ -679,10 +695,7 @@ class Trainer:
         starts = range(0, len(dataset), size)
         for start in tqdm(starts, desc="reference log-probs", unit="batch", leave=False):
             batch = self._collate(dataset[start : start + size], None)
-            if self.policy is None:
-                logps = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
-            else:
-                logps = self.policy(batch.input_ids, batch.labels)
+            logps = self._logps(self._policy, batch)
             self.reference_forwards += 1
             rows.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
         return torch.cat(rows)
@@ -734,18 +747,27 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
+    @property
+    def _policy(self):
+        """What runs the policy's forward: its DDP/FSDP wrapper with several ranks, else the
+        model itself."""
+        return self.model if self.policy is None else self.policy
+
+    def _logps(self, model, batch: MicroBatch) -> torch.Tensor:
+        """Sequence log-probs of a causal LM, or of a log-prob module (distributed.PolicyLogps,
+        under DDP or FSDP with several ranks), under the backend's autocast."""
+        autocast = self.backend.autocast
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            if hasattr(model, "get_decoder"):
+                return dpo.sequence_logps(model, batch.input_ids, batch.labels)
+            return model(batch.input_ids, batch.labels)
+
     def _pair_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.policy is None:
-            policy = dpo.sequence_logps(self.model, batch.input_ids, batch.labels)
-        else:
-            policy = self.policy(batch.input_ids, batch.labels)
+        policy = self._logps(self._policy, batch)
         if batch.reference is not None:
             return policy, batch.reference
         with torch.no_grad():
-            if isinstance(self.reference_model, distributed.PolicyLogps):
-                reference = self.reference_model(batch.input_ids, batch.labels)
-            else:
-                reference = dpo.sequence_logps(self.reference_model, batch.input_ids, batch.labels)
+            reference = self._logps(self.reference_model, batch)
         self.reference_forwards += 1
         return policy, reference
 

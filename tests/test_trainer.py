@@ -119,6 +119,36 @@ def test_window_loss_and_gradient_do_not_depend_on_the_micro_batch_split(trainer
     assert torch.all((trainer.buffers.rows - rows_one).abs() <= 1e-5 * scale)
 
 
+def test_a_bfloat16_model_keeps_float32_weights_under_autocast(trainer, cache_dir, tmp_path):
+    # An AdamW step of lr 1e-7 is far below half the bfloat16 spacing near a weight (~6e-5
+    # at 0.02): bfloat16 weights rounded every update of the recipe away. With float32
+    # gradient buffers the weights stay float32 and the forward runs under bf16 autocast.
+    mixed = Trainer(tiny(cache_dir, dtype="bfloat16", lr=1e-7), tmp_path / "mixed")
+    assert (mixed.backend.dtype, mixed.backend.autocast) == (torch.float32, torch.bfloat16)
+    assert {p.dtype for p in mixed.model.parameters()} == {torch.float32}
+    assert not mixed.buffers.uses_hooks
+
+    # The forward really computes in bfloat16: near the float32 log-probs, not equal to them.
+    batch = trainer.prepare(trainer.sampler.window(0, 0))[0][0]
+    with torch.no_grad():
+        full = trainer._logps(trainer.model, batch)
+        half = mixed._logps(mixed.model, batch)
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=0.0)
+
+    # Step 1 starts at the reference (ln 2 exactly: both sides run the same autocast forward),
+    # and the update of about lr reaches the weights.
+    before = _params(mixed)
+    record = mixed.train_step(mixed.prepare(mixed.sampler.window(0, 0)))
+    assert torch.all((record[: mixed.k].double() - LN2).abs() < 1e-6), record[: mixed.k]
+    moved = max((p - b).abs().max().item() for p, b in zip(_params(mixed), before, strict=True))
+    assert 1e-8 < moved < 1e-6
+
+    # Explicit bfloat16 buffers keep bfloat16 weights (pure bfloat16 training, no autocast).
+    pure = select_backend("cpu", dtype="bfloat16", float32_master=False)
+    assert (pure.dtype, pure.autocast) == (torch.bfloat16, None)
+
+
 def test_parameter_grads_are_views_of_the_buffers(trainer):
     batches = trainer.prepare(trainer.sampler.window(0, 0))
     rows = trainer.buffers.rows
@@ -279,6 +309,9 @@ def test_select_backend_picks_per_device():
     softcap = select_backend("cuda", model_type="gemma2", attn_softcap=True)
     assert softcap.attn_implementation == "eager"
     assert select_backend("cpu", dtype="bfloat16").dtype == torch.bfloat16
+    master = select_backend("cuda", float32_master=True)
+    assert (master.dtype, master.autocast) == (torch.float32, torch.bfloat16)
+    assert select_backend("cpu", float32_master=True).autocast is None
     assert not select_backend("cuda", liger="off", model_type="llama",
                               liger_model_types=liger_types).liger  # fmt: skip
 
