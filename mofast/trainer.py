@@ -739,7 +739,10 @@ class Trainer:
                     indices = indices[rank * share : (rank + 1) * share]
                 reference = None
                 if self.reference_table:
-                    index = torch.tensor(indices, dtype=torch.long).to(self.device)
+                    # non_blocking, like the batch's copies: a blocking host-to-device copy
+                    # waits for the GPU's queue to drain, every micro-batch.
+                    index = torch.tensor(indices, dtype=torch.long)
+                    index = index.to(self.device, non_blocking=True)
                     reference = self.reference_table[name].index_select(0, index)
                 micro.append(self._collate(self.datasets[name][indices], reference))
             batches.append(micro)
