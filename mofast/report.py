@@ -14,7 +14,8 @@ improvement is significant when the lower end of the (1 - alpha) percentile inte
 above zero.
 
 Writes a Markdown report (also printed), a JSON file with every number, and a bar chart
-(PNG) of the net win rate relative to REFERENCE.
+(PNG): each model's net win rate per question, REFERENCE's included, and below it each
+model's difference from REFERENCE with its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -347,42 +348,77 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], labels: list[str], questions: list[str], path: Path) -> bool:
-    """Grouped bars of net win rate minus REFERENCE's, with bootstrap intervals.
+def figure(rows: list[Row], labels: list[str], questions: list[str], alpha: float = 0.05):
+    """The bar chart: each model's net win rate, then its difference from REFERENCE.
 
-    Returns False (and writes nothing) when no model has a REFERENCE to compare with.
+    The top panel shows the numbers of the report's main table (REFERENCE included, so its
+    level is in view); the bottom one, drawn when some model has a REFERENCE, the paired
+    difference with its bootstrap interval, `*` where the improvement is significant.
+    Returns the matplotlib Figure (the caller saves and closes it).
     """
-    by = {(r.label, r.question): r for r in rows}
-    compared = [label for label in labels if by[(label, questions[0])].test is not None]
-    if not compared:
-        return False
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(questions) * max(1, len(compared))), 4))
-    width = 0.8 / max(1, len(compared))
+    by = {(r.label, r.question): r for r in rows}
+    compared = [label for label in labels if by[(label, questions[0])].test is not None]
+    panels = 2 if compared else 1
+    width = 0.8 / len(labels)
     x = np.arange(len(questions))
-    for i, label in enumerate(compared):
-        tests = [by[(label, q)].test for q in questions]
-        delta = np.array([t.delta for t in tests])
-        err = np.array([[t.delta - t.low for t in tests], [t.high - t.delta for t in tests]])
-        offset = (i - (len(compared) - 1) / 2) * width
-        ax.bar(x + offset, delta, width, yerr=err, capsize=3, label=label)
-        for xi, t in zip(x + offset, tests, strict=True):
-            if t.significant:
-                ax.annotate("*", (xi, t.high), ha="center", va="bottom", fontsize=12)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [q.replace("_", "\n") for q in questions])
-    ax.set_ylabel("net win rate - REFERENCE (points)")
-    ax.set_title("Net win rate relative to REFERENCE (* significant improvement)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        panels,
+        1,
+        figsize=(max(6.0, 1.2 * len(questions) * len(labels)), 3.6 * panels),
+        squeeze=False,
+    )
+
+    top = axes[0][0]
+    for i, label in enumerate(labels):
+        net = [by[(label, q)].tally.net for q in questions]
+        offset = (i - (len(labels) - 1) / 2) * width
+        top.bar(x + offset, net, width, label=label, color=f"C{i}")
+    top.set_ylabel("net win rate (%)")
+    top.set_title("Net win rate against the golden responses (win% - loss%)")
+
+    if compared:
+        bottom = axes[1][0]
+        level = f"{100 * (1 - alpha):g}%"
+        for label in compared:
+            i = labels.index(label)
+            tests = [by[(label, q)].test for q in questions]
+            delta = np.array([t.delta for t in tests])
+            err = np.array([[t.delta - t.low for t in tests], [t.high - t.delta for t in tests]])
+            offset = (i - (len(labels) - 1) / 2) * width
+            bottom.bar(x + offset, delta, width, yerr=err, capsize=3, color=f"C{i}")
+            for xi, t in zip(x + offset, tests, strict=True):
+                if t.significant:
+                    bottom.annotate("*", (xi, t.high), ha="center", va="bottom", fontsize=12)
+        bottom.set_ylabel("net win rate minus\nREFERENCE's (points)")
+        # Room above the tallest interval for its significance mark.
+        bottom.margins(y=0.15)
+        bottom.set_title(
+            f"Difference from REFERENCE, {level} paired-bootstrap interval "
+            "(* significant improvement)"
+        )
+
+    for (ax,) in axes:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [q.replace("_", "\n") for q in questions])
+    top.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(
+    rows: list[Row], labels: list[str], questions: list[str], path: Path, alpha: float = 0.05
+) -> None:
+    """Write `figure(...)` as a PNG."""
+    fig = figure(rows, labels, questions, alpha)
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def build_report(
@@ -455,13 +491,9 @@ def run(args: argparse.Namespace) -> int:
         for r in rows
     ]
     output.with_suffix(".json").write_text(json.dumps(numbers, indent=2) + "\n")
-    plotted = plot(rows, labels, questions, png)
+    plot(rows, labels, questions, png, args.alpha)
     print(text)
-    logger.info("wrote %s and %s", output, output.with_suffix(".json"))
-    if plotted:
-        logger.info("wrote %s", png)
-    else:
-        logger.warning("no REFERENCE to compare with: no bar chart")
+    logger.info("wrote %s, %s and %s", output, output.with_suffix(".json"), png)
 
     incomplete = [f for f in read if f.missing]
     for folder in incomplete:

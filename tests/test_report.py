@@ -134,8 +134,11 @@ def test_report_without_a_reference_or_results(tmp_path):
     _write_folder(tmp_path / "solo", {"m": {"overall": _mixed(9, 7)}})
     text, rows, _, _, _ = report.build_report([tmp_path / "solo"], resamples=100)
     assert rows[0].test is None and "no REFERENCE" in text
-    assert not report.plot(rows, ["m"], ["overall"], tmp_path / "none.png")
-    assert not (tmp_path / "none.png").exists()
+    # Without a REFERENCE the chart still shows the net win rate, with no difference panel.
+    fig = report.figure(rows, ["m"], ["overall"])
+    assert len(fig.axes) == 1
+    report.plot(rows, ["m"], ["overall"], tmp_path / "solo.png")
+    assert (tmp_path / "solo.png").read_bytes()[:4] == b"\x89PNG"
 
     with pytest.raises(FileNotFoundError, match="not a `mofast eval` output folder"):
         report.load_folder(tmp_path)
@@ -183,3 +186,26 @@ def test_report_keeps_missing_verdicts_apart_from_invalid_and_says_so(tmp_path, 
     _write_folder(complete, {"REFERENCE": {"overall": reference}, "m": {"overall": reference}})
     assert cli_main(["report", str(complete), "--resamples", "100"]) == 0
     assert "verdicts missing" not in (complete / "report.md").read_text()
+
+
+def test_chart_shows_each_models_net_win_rate_then_its_difference_from_reference(tmp_path):
+    n = 21
+    systems = {
+        "REFERENCE": {"overall": _mixed(n, 10), "honesty": _mixed(n, 11)},
+        "a": {"overall": ["win"] * n, "honesty": _mixed(n, 12)},
+        "b": {"overall": _mixed(n, 13), "honesty": ["missing"] * 2 + _mixed(n - 2, 14)},
+    }
+    _write_folder(tmp_path / "eval", systems)
+    _, rows, labels, questions, _ = report.build_report([tmp_path / "eval"], resamples=300)
+    by = {(r.label, r.question): r for r in rows}
+    fig = report.figure(rows, labels, questions, alpha=0.1)
+    top, bottom = fig.axes
+
+    # The top panel plots what the main table and the README call net win rate, per model.
+    assert top.get_ylabel() == "net win rate (%)" and "REFERENCE" not in top.get_ylabel()
+    assert [t.get_text() for t in top.get_legend().get_texts()] == labels
+    heights = [p.get_height() for p in top.patches]
+    assert heights == pytest.approx([by[(m, q)].tally.net for m in labels for q in questions])
+    assert "REFERENCE" in bottom.get_ylabel() and "90%" in bottom.get_title()
+    deltas = [p.get_height() for p in bottom.patches]
+    assert deltas == pytest.approx([by[(m, q)].test.delta for m in ("a", "b") for q in questions])
