@@ -45,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     sub_args = sub_parser.parse_args(rest)
     try:
         return int(module.run(sub_args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, yaml.YAMLError) as exc:
-        # Bad input (a config value, a missing file, unparsable YAML) is the user's to fix:
-        # one line naming it, the traceback only at --log-level DEBUG.
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        # Bad input (a config value, a missing file or model, unparsable YAML, a hub that
+        # cannot be reached) is the user's to fix: one line naming it, the traceback only at
+        # --log-level DEBUG.
         logger.debug("traceback", exc_info=True)
         sub_parser.exit(2, f"{sub_parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        # Checkpoints are written whole or not at all, so an interrupted run resumes cleanly.
+        sub_parser.exit(130, f"{sub_parser.prog}: interrupted\n")

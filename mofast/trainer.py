@@ -168,7 +168,15 @@ def model_location(source: str | None) -> tuple[str, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
-    return source, {}
+    # A hub id is "name" or "namespace/name"; anything else that is not on disk was meant as
+    # a path (transformers would report it as a malformed hub id, deep in a traceback).
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_like_path and not Path(source).expanduser().exists():
+        raise FileNotFoundError(
+            f"no model folder at {source} (expected a local folder, a .gguf "
+            "file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+        )
+    return str(Path(source).expanduser()) if looks_like_path else source, {}
 
 
 def load_tokenizer(config: TrainConfig):

@@ -20,6 +20,8 @@ def test_every_subcommand_has_help():
     [
         (["train", "--micro-batch", "0"], "micro_batch must be at least 1"),
         (["train", "--config", "no-such-config.yaml"], "no config file 'no-such-config.yaml'"),
+        # transformers reported a missing folder as a malformed hub id, in a 79-line traceback.
+        (["train", "--model", "/no/such/model", "--max-steps", "1"], "no model folder at"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
@@ -28,6 +30,19 @@ def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    import mofast.toy
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mofast.toy, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "mofast toy: interrupted\n"
 
 
 def test_python_dash_m_mofast_reaches_the_same_entry_point():
