@@ -200,7 +200,26 @@ def _coerce(name: str, value: object, annotation: object) -> object:
             texts = (str, int, float)
             if all(isinstance(v, texts) and not isinstance(v, bool) for v in value.values()):
                 return {str(k): str(v) for k, v in value.items()}
-    raise ValueError(f"{name} expects {annotation}, got {value!r}")
+    raise ValueError(f"{name} expects {_describe(annotation)}, got {value!r}")
+
+
+def _describe(annotation: object) -> str:
+    """A field's type in words: 'a number', 'an integer or null', ..."""
+    words = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a text",
+        type(None): "null",
+    }
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    named = [
+        "a mapping of names to files or hub names"
+        if typing.get_origin(option) is dict
+        else words.get(option, str(option))
+        for option in options
+    ]
+    return " or ".join(named)
 
 
 def _is_union(annotation: object) -> bool:

@@ -354,8 +354,10 @@ def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
         from_dict({"nope": 1})
     with pytest.raises(ValueError, match="grad_dtype"):
         from_dict({"grad_dtype": "float16"})
-    with pytest.raises(ValueError, match="max_steps"):
+    with pytest.raises(ValueError, match="max_steps expects an integer or null, got 'many'"):
         from_dict({"max_steps": "many"})
+    with pytest.raises(ValueError, match="lr expects a number, got 'abc'"):
+        from_dict({"lr": "abc"})
 
 
 def test_config_refuses_empty_or_non_text_objectives():
