@@ -1008,6 +1008,14 @@ class Trainer:
             config.lr,
         )
         start_step = self.step
+        if start_step >= self.total_steps:
+            # A run killed after its last checkpoint may lack its plots or final model.
+            logger.info(
+                "the run is already at step %d of %d: nothing to train; writing its plots and "
+                "final model",
+                start_step,
+                self.total_steps,
+            )
         started = time.perf_counter()
         self._interval_start = started
         bar = tqdm(
