@@ -283,7 +283,8 @@ def default_objectives(stats: dict[str, Counter] | None = None) -> dict[str, lis
         counter = stats.setdefault(name, Counter())
         pairs = load_preferences(path, counter)
         objectives[name] = [pair for pair in pairs if pair["prompt"] not in held_out]
-        counter["held_out_prompt"] += len(pairs) - len(objectives[name])
+        if len(objectives[name]) < len(pairs):
+            counter["held_out_prompt"] += len(pairs) - len(objectives[name])
     return objectives
 
 

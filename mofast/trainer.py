@@ -536,13 +536,14 @@ class Trainer:
                 "to match (e.g. --grad-dtype bfloat16 with a bfloat16 model)"
             )
         logger.info(
-            "gradient buffers: %d objectives x %d parameters in %s = %.1f MiB "
-            "(+ %.1f MiB flat gradient)%s",
+            "gradient buffers: %d objectives x %d parameters in %s = %.1f MiB (%s)%s",
             self.k,
             self.buffers.numel,
             config.grad_dtype,
             self.buffers.rows.nbytes / 2**20,
-            self.buffers.flat.nbytes / 2**20,
+            "the flat gradient is row 0"
+            if self.buffers.shares_row0
+            else f"+ {self.buffers.flat.nbytes / 2**20:.1f} MiB flat gradient",
             "; accumulated by post-accumulate-grad hooks (dtype differs from the weights')"
             if self.buffers.uses_hooks
             else "; .grad are views of the rows (no copy)",
