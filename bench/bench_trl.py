@@ -7,10 +7,11 @@ Both train the same randomly initialised Qwen2.5-0.5B-Instruct-shaped model (wri
 to a temporary folder; see bench_e2e.py for the configuration, vocabulary 151,936 kept) on
 the same batch: `--pairs` real UltraFeedback pairs (the shipped overall_score set), chosen
 and rejected rows of at most `--max-length` tokens, one optimiser step per batch, DPO with
-beta 0.5, AdamW at lr 1e-7, the model's dtype on both sides (float32 on the CPU, bfloat16 on
-CUDA, no autocast), no gradient checkpointing, reference log-probs precomputed by both
-(mofast's default; TRL's `precompute_ref_log_probs`). mofast runs as users run it, through
-its Trainer; TRL through DPOTrainer.train() with TRL 1.16's defaults otherwise.
+beta 0.5, AdamW at lr 1e-7, the same precision on both sides (float32 on the CPU; on CUDA
+float32 weights under bf16 autocast, TRL's `bf16=True`), no gradient checkpointing,
+reference log-probs precomputed by both (mofast's default; TRL's `precompute_ref_log_probs`).
+mofast runs as users run it, through its Trainer; TRL through DPOTrainer.train() with TRL
+1.16's defaults otherwise.
 
 The pairs are tokenised once, by mofast's rules with the Qwen2 tokenizer (ChatML template),
 and TRL is handed those token ids (prompt / chosen / rejected), so both see the same
@@ -97,6 +98,11 @@ def split_pair(row: dict) -> dict:
 # Workers (each in its own process)
 
 
+def _precision(result: dict) -> str:
+    autocast = result.get("autocast")
+    return result["dtype"] + (f" weights, {autocast} autocast" if autocast else "")
+
+
 def worker_mofast(args: argparse.Namespace) -> dict:
     # Imported before the baseline is read, as the TRL worker imports TRL first.
     importlib.import_module("mofast.trainer")
@@ -141,6 +147,8 @@ def worker_mofast(args: argparse.Namespace) -> dict:
         "logps_chosen": reference[:, 0].tolist(),
         "logps_rejected": reference[:, 1].tolist(),
         "dtype": str(trainer.backend.dtype).removeprefix("torch."),
+        "autocast": trainer.backend.autocast
+        and str(trainer.backend.autocast).removeprefix("torch."),
         "params": sum(p.numel() for p in trainer.model.parameters()),
         "baseline_rss": baseline,
         "peak_rss": rss_bytes(),
@@ -195,8 +203,9 @@ def worker_trl(args: argparse.Namespace) -> dict:
         max_length=args.max_length,
         precompute_ref_log_probs=True,
         gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
+        # mofast's precision: float32 weights, and bf16 autocast where mofast uses it.
+        bf16=args.autocast == "bfloat16",
+        fp16=args.autocast == "float16",
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -232,6 +241,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         "logps_chosen": reference_chosen,
         "logps_rejected": reference_rejected,
         "dtype": args.dtype,
+        "autocast": args.autocast,
         "params": sum(p.numel() for p in model.parameters()),
         "baseline_rss": baseline,
         "peak_rss": rss_bytes(),
@@ -307,6 +317,7 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--autocast", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     args.pairs = args.pairs or (2 if args.quick else 4)
@@ -326,14 +337,17 @@ def main() -> int:
         (workdir / "objectives.json").write_text(json.dumps(objectives))
 
         mofast = run_worker("mofast", args, workdir, [])
-        trl = run_worker("trl", args, workdir, ["--dtype", mofast["dtype"]])
+        precision = ["--dtype", mofast["dtype"]]
+        if mofast["autocast"]:
+            precision += ["--autocast", mofast["autocast"]]
+        trl = run_worker("trl", args, workdir, precision)
     checks = compare(mofast, trl)
 
     shape = (
         f"{args.pairs} pairs x 2 rows x <= {args.max_length} tokens (padded width "
         f"{mofast['padded_width']}, {mofast['tokens']} real tokens per step), {layers}-layer "
         f"Qwen2.5-0.5B shape, {mofast['params'] / 1e6:.1f}M parameters, V=151936, "
-        f"{mofast['dtype']}, k=1"
+        f"{_precision(mofast)}, k=1"
     )
     load = os.getloadavg()[0]
     rows = []
@@ -348,7 +362,7 @@ def main() -> int:
                 "max_length": args.max_length,
                 "padded_width": result["padded_width"],
                 "tokens_per_step": result["tokens"],
-                "dtype": result["dtype"],
+                "dtype": _precision(result),
                 "repeats": args.repeats,
                 "step_s": best,
                 "step_median_s": sorted(result["step_s"])[len(result["step_s"]) // 2],
