@@ -9,7 +9,7 @@ folders are ignored and removed by the next save.
 Layout of `RUN_DIR/checkpoints/step-00000012/`:
     model.safetensors   the policy's weights (tied weights stored once; a full state dict
                         gathered from FSDP shards is stored as given)
-    state.pt            optimiser, scheduler, combinator, sampler position, RNG states,
+    state.pt            optimiser, lr schedule position, combinator, sampler position, RNG states,
                         trainer counters (plain tensors and containers: weights_only loads)
 """
 

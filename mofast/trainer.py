@@ -8,7 +8,8 @@ One optimiser step:
   2. G = gram(buffer), c = combinator.weights(losses, G), combine(buffer, c, out=flat)
      where `flat` is the parameters' own flat gradient;
   3. fused AdamW steps, skipping the update on the device when a loss, a gradient or a
-     coefficient is not finite (its `found_inf` input), and the schedule advances.
+     coefficient is not finite (its `found_inf` input); the lr schedule, a device tensor,
+     advances only with an applied update.
 Nothing in a step reads a device value on the host: per-step losses, coefficients and Gram
 matrices stay on the device and are flushed to metrics.jsonl every `log_every` steps.
 
@@ -550,15 +551,18 @@ class Trainer:
         )
         self.buffers.point_at_flat()
 
+        # The lr lives on the device (fused AdamW reads a tensor lr there) and follows the
+        # schedule at the count of applied updates, so a skipped step does not advance it and
+        # nothing is read on the host.
+        self.lr_factor = cosine_with_warmup(config.warmup_ratio, self.total_steps)
+        self.updates = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.lr = (config.lr * self.lr_factor(self.updates)).float()
         self.optimizer = torch.optim.AdamW(
             params,
-            lr=config.lr,
+            lr=self.lr,
             betas=(0.9, 0.999),
             weight_decay=0.0,
             fused=self.device.type in ("cuda", "cpu"),
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(config.warmup_ratio, self.total_steps)
         )
         self.combinator = make_combinator(
             config.combinator,
@@ -572,7 +576,7 @@ class Trainer:
 
         self.step = 0
         self.skipped_total = 0
-        self._pending: list[tuple[int, int, float, torch.Tensor]] = []
+        self._pending: list[tuple[int, int, torch.Tensor]] = []
         self._interval_start = time.perf_counter()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         # Only now that the model, the data and the settings have all loaded: bad input
@@ -819,8 +823,9 @@ class Trainer:
     def apply_update(self, losses: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """gram -> combinator -> combine -> AdamW (skipped on the device when not finite).
 
-        Returns the step's record: float32 [k + k + k*k + 1] = losses, coefficients, Gram,
-        skipped flag, then `extra` ([k, s] further per-objective statistics) flattened.
+        Returns the step's record: float32 [k + k + k*k + 2] = losses, coefficients, Gram,
+        skipped flag, the step's lr, then `extra` ([k, s] further per-objective statistics)
+        flattened.
         With several ranks the partial Gram (fsdp), the losses and `extra` are all-reduced in
         one call before the combinator (distributed.reduce_combine_inputs).
         """
@@ -836,9 +841,11 @@ class Trainer:
         finite = torch.isfinite(torch.cat([losses.float(), G.diagonal().float(), c.float()]))
         skipped = (~finite.all()).float()
         self.optimizer.found_inf = skipped
+        lr = self.lr.clone()
         self.optimizer.step()
-        self.scheduler.step()
-        record = [losses.float(), c.float(), G.float().flatten(), skipped[None]]
+        self.updates += 1 - skipped.double()
+        self.lr.copy_(self.config.lr * self.lr_factor(self.updates))
+        record = [losses.float(), c.float(), G.float().flatten(), skipped[None], lr[None]]
         if extra is not None:
             record.append(extra.float().flatten())
         return torch.cat(record)
@@ -853,7 +860,8 @@ class Trainer:
         losses, weights = row[:k], row[k : 2 * k]
         gram = [row[2 * k + i * k : 2 * k + (i + 1) * k] for i in range(k)]
         skipped = row[2 * k + k * k] > 0
-        extra = row[2 * k + k * k + 1 :]
+        lr = row[2 * k + k * k + 1]
+        extra = row[2 * k + k * k + 2 :]
         norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(k)]
         cosines = [
             [
@@ -863,6 +871,7 @@ class Trainer:
             for i in range(k)
         ]
         return {
+            "lr": lr,
             "losses": dict(zip(self.names, losses, strict=True)),
             "weights": dict(zip(self.names, weights, strict=True)),
             "skipped": skipped,
@@ -880,11 +889,11 @@ class Trainer:
             return []
         rows = torch.stack([record for *_, record in self._pending]).cpu().tolist()
         elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
-        tokens_per_s = sum(tokens for _, tokens, _, _ in self._pending) / elapsed
+        tokens_per_s = sum(tokens for _, tokens, _ in self._pending) / elapsed
 
         written = []
-        for (step, tokens, lr, _), row in zip(self._pending, rows, strict=True):
-            entry = {"step": step, "lr": lr, "tokens": tokens, "tokens_per_s": tokens_per_s}
+        for (step, tokens, _), row in zip(self._pending, rows, strict=True):
+            entry = {"step": step, "tokens": tokens, "tokens_per_s": tokens_per_s}
             if self.context.parallel != "none":
                 entry["comm_bytes"] = self.comm_bytes
             entry.update(self._decode(row))
@@ -929,7 +938,7 @@ class Trainer:
             "step": self.step,
             "skipped_total": self.skipped_total,
             "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict(),
+            "updates": self.updates.cpu(),
             "combinator": self.combinator.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -961,13 +970,15 @@ class Trainer:
         if state["names"] != self.names:
             raise ValueError(f"checkpoint objectives {state['names']} differ from {self.names}")
 
-        self.scheduler.load_state_dict(state["scheduler"])
         # The saved lr belongs to the interrupted run's schedule; a resume with another
-        # max_steps continues on this run's schedule from the same step.
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * factor
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        # max_steps continues on this run's schedule from the same count of updates.
+        if "updates" in state:
+            self.updates.copy_(state["updates"])
+        else:  # a checkpoint of an earlier version, which advanced its schedule every step
+            self.updates.fill_(state["scheduler"]["last_epoch"])
+        self.lr.copy_(self.config.lr * self.lr_factor(self.updates))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
         self.combinator.load_state_dict(state["combinator"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -1030,11 +1041,10 @@ class Trainer:
         with logging_redirect_tqdm():
             while self.step < self.total_steps:
                 for window in self.sampler:
-                    lr = self.scheduler.get_last_lr()[0]
                     batches = self.prepare(window)
                     record = self.train_step(batches)
                     self.step += 1
-                    self._pending.append((self.step, self.window_tokens(window), lr, record))
+                    self._pending.append((self.step, self.window_tokens(window), record))
 
                     if self.step % config.log_every == 0 or self.step == self.total_steps:
                         last = self.flush_metrics()[-1]
@@ -1099,14 +1109,16 @@ def _pair_tokens(dataset) -> np.ndarray:
 def cosine_with_warmup(warmup_ratio: float, total_steps: int):
     """The lr factor of step s: a linear warm-up over ceil(ratio * total) steps that starts
     above zero (step 0 gets 1 / (warmup + 1), so no step is spent at lr 0), then a cosine
-    decay to zero at `total_steps`."""
+    decay to zero at `total_steps`. `s` is a number or a float64 tensor on any device (the
+    result is one there: the trainer's schedule never reads the host)."""
     warmup = math.ceil(warmup_ratio * total_steps)
+    decay = max(1, total_steps - warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    def factor(step: torch.Tensor | float) -> torch.Tensor:
+        step = torch.as_tensor(step, dtype=torch.float64)
+        rising = (step + 1) / (warmup + 1)
+        progress = ((step - warmup) / decay).clamp(max=1.0)
+        return torch.where(step < warmup, rising, 0.5 * (1.0 + torch.cos(math.pi * progress)))
 
     return factor
 

@@ -183,7 +183,7 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
     batches[1][0].reference[0] = float("nan")
     with forbid_host_sync():
         record = trainer.train_step(batches)
-    trainer._pending.append((999, 1, 0.0, record))
+    trainer._pending.append((999, 1, record))
     entry = trainer.flush_metrics()[-1]
 
     assert entry["skipped"] and trainer.skipped_total == skipped_before + 1
@@ -196,8 +196,7 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
 
     # The next finite step updates again (at a non-zero lr: this shared fixture's short
     # cosine schedule may already have reached its end).
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.config.lr
+    trainer.lr.fill_(trainer.config.lr)
     record = trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))
     k = trainer.k
     assert record[2 * k + k * k] == 0, "the skip flag of the record"
@@ -206,8 +205,8 @@ def test_a_non_finite_loss_skips_the_update_on_the_device(trainer):
 
 def test_a_non_finite_gradient_with_finite_losses_skips_the_update(trainer):
     trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))  # optimiser state exists
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.config.lr
+    trainer.lr.fill_(trainer.config.lr)
+    updates = trainer.updates.clone()
     weights = _params(trainer)
     state = [
         {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
@@ -227,6 +226,15 @@ def test_a_non_finite_gradient_with_finite_losses_skips_the_update(trainer):
     for before, p in zip(state, trainer.buffers.params, strict=True):
         for key, value in trainer.optimizer.state[p].items():
             assert torch.equal(value, before[key]), key
+
+    # The lr schedule stays where it was too (it counts applied updates only), and an
+    # applied update moves it on by one.
+    def schedule(count):
+        return (trainer.config.lr * trainer.lr_factor(count)).float()
+
+    assert torch.equal(trainer.updates, updates) and torch.equal(trainer.lr, schedule(updates))
+    trainer.train_step(trainer.prepare(trainer.sampler.window(0, 0)))
+    assert trainer.updates == updates + 1 and torch.equal(trainer.lr, schedule(updates + 1))
 
 
 def test_bfloat16_buffers_accumulate_through_hooks(cache_dir, tmp_path):
@@ -671,6 +679,8 @@ def test_schedule_warms_up_from_above_zero_and_ends_at_zero():
 
     factor = cosine_with_warmup(0.03, 100)  # 3 warm-up steps
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    on_device = factor(torch.tensor([0.0, 2.0, 50.0, 120.0], dtype=torch.float64))
+    assert torch.equal(on_device, torch.stack([factor(s) for s in (0, 2, 50, 120)]))
     assert 0 < factor(99) < 1e-3 and factor(100) == 0.0 and factor(150) == 0.0
     values = [factor(s) for s in range(3, 101)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False)), "decays monotonically"
