@@ -972,10 +972,7 @@ class Trainer:
 
         # The saved lr belongs to the interrupted run's schedule; a resume with another
         # max_steps continues on this run's schedule from the same count of updates.
-        if "updates" in state:
-            self.updates.copy_(state["updates"])
-        else:  # a checkpoint of an earlier version, which advanced its schedule every step
-            self.updates.fill_(state["scheduler"]["last_epoch"])
+        self.updates.copy_(state["updates"])
         self.lr.copy_(self.config.lr * self.lr_factor(self.updates))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
