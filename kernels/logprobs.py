@@ -847,14 +847,19 @@ def _backward_torch(
 class _SequenceLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, softcap, backend, tiling):
-        if backend == "triton":
-            lp, lse, order, count = _forward_triton(
-                hidden, weight, bias, labels, ignore_index, softcap, tiling
-            )
-            ctx.save_for_backward(hidden, weight, bias, labels, lse, order, count)
-        else:
-            lp, lse = _forward_torch(hidden, weight, bias, labels, ignore_index, softcap, tiling)
-            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        # Under an enclosing autocast (a bf16 forward over float32 weights) the CPU path's
+        # float32 chunk products would run in the autocast dtype: the op has its own precision.
+        with torch.autocast(hidden.device.type, enabled=False):
+            if backend == "triton":
+                lp, lse, order, count = _forward_triton(
+                    hidden, weight, bias, labels, ignore_index, softcap, tiling
+                )
+                ctx.save_for_backward(hidden, weight, bias, labels, lse, order, count)
+            else:
+                lp, lse = _forward_torch(
+                    hidden, weight, bias, labels, ignore_index, softcap, tiling
+                )
+                ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.softcap = softcap
         ctx.backend = backend
@@ -868,18 +873,19 @@ class _SequenceLogprobs(torch.autograd.Function):
         if not any(needs):
             return (None,) * 8
 
-        if ctx.backend == "triton":
-            hidden, weight, bias, labels, lse, order, count = ctx.saved_tensors
-            grads = _backward_triton(
-                hidden, weight, bias, labels, ctx.softcap, lse, order, count,
-                grad_lp, needs, ctx.tiling,
-            )  # fmt: skip
-        else:
-            hidden, weight, bias, labels, lse = ctx.saved_tensors
-            grads = _backward_torch(
-                hidden, weight, bias, labels, ctx.ignore_index, ctx.softcap, lse,
-                grad_lp, needs, ctx.tiling,
-            )  # fmt: skip
+        with torch.autocast(grad_lp.device.type, enabled=False):
+            if ctx.backend == "triton":
+                hidden, weight, bias, labels, lse, order, count = ctx.saved_tensors
+                grads = _backward_triton(
+                    hidden, weight, bias, labels, ctx.softcap, lse, order, count,
+                    grad_lp, needs, ctx.tiling,
+                )  # fmt: skip
+            else:
+                hidden, weight, bias, labels, lse = ctx.saved_tensors
+                grads = _backward_torch(
+                    hidden, weight, bias, labels, ctx.ignore_index, ctx.softcap, lse,
+                    grad_lp, needs, ctx.tiling,
+                )  # fmt: skip
         return (*grads, None, None, None, None, None)
 
 

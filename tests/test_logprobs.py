@@ -292,6 +292,25 @@ def test_gradient_accumulates_like_autograd_with_tied_embeddings(backend, tiling
 
 
 @pytest.mark.parametrize("backend, tiling", PATHS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_leaves_the_internal_precision_alone(backend, tiling, bias):
+    # Under an enclosing autocast (the trainer's bf16 forward over float32 weights) the
+    # chunk products must stay float32: autocast would run them, and the log-sum-exp after
+    # them, in bfloat16.
+    hidden, weight, labels, b = _make(3, 11, 24, 301, bias=bias)
+    grad_lp = torch.randn(3)
+
+    def run(enabled):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            lp = _sequence_logprobs(hidden, weight, labels, b, backend=backend, tiling=tiling)
+            return _grads(lambda: lp, hidden, weight, b, grad_lp)
+
+    for plain, under in zip(run(False), run(True), strict=True):
+        if plain is not None:
+            assert torch.equal(plain, under)
+
+
+@pytest.mark.parametrize("backend, tiling", PATHS)
 def test_strided_inputs_and_frozen_head(backend, tiling):
     # hidden[:, :-1] of a longer sequence and a head that takes no gradient (the reference
     # model's): strided views are read in place, and only the hidden gradient is formed.
