@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         # cannot be reached) is the user's to fix: one line naming it, the traceback only at
         # --log-level DEBUG.
         logger.debug("traceback", exc_info=True)
-        sub_parser.exit(2, f"{sub_parser.prog}: error: {exc}\n")
+        where = ""
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # A failed write ("[Errno 28] No space left on device") names no file: say how
+            # to see which one.
+            where = f" (mofast --log-level DEBUG {args.command} ... shows where)"
+        sub_parser.exit(2, f"{sub_parser.prog}: error: {exc}{where}\n")
     except KeyboardInterrupt:
         # Checkpoints are written whole or not at all, so an interrupted run resumes cleanly.
         sub_parser.exit(130, f"{sub_parser.prog}: interrupted\n")

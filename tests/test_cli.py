@@ -45,6 +45,26 @@ def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "mofast toy: interrupted\n"
 
 
+def test_an_os_error_naming_no_file_says_how_to_find_it(monkeypatch, capsys):
+    # A full disk while writing the metrics reads "[Errno 28] No space left on device":
+    # one line, but it must say how to learn which write failed.
+    import errno
+    import os
+
+    import mofast.toy
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(mofast.toy, "run", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--log-level DEBUG" in err
+    assert err.count("\n") == 1
+
+
 def test_python_dash_m_mofast_reaches_the_same_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "mofast", "toy", "--help"], capture_output=True, text=True
