@@ -2,7 +2,8 @@
 # ============================================================================
 #  bench/gpu_check.sh: every GPU-only test and benchmark of mofast in one call
 # ============================================================================
-#  Run on a machine with one CUDA GPU (e.g. through the device tool):
+#  Run on a machine with one CUDA GPU (e.g. through the device tool, carrying bench/wheels
+#  after `bash bench/fetch_wheels.sh` here, so the trainer's GPU test can import datasets):
 #      bash bench/gpu_check.sh
 #  It builds the native extension against the machine's own torch (no dependency is
 #  installed: a lent machine reaches no registry), runs the tests marked `gpu`, then each
@@ -76,10 +77,11 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__
       f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")
 EOF
 step build 120 "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e .
-if [[ -d bench/wheels ]]; then
-  # datasets is not on the lent machine's image; carry its wheels in bench/wheels to run
-  # the end-to-end benchmark there.
-  step wheels 30 "$PY" -m pip install -q --no-index --find-links bench/wheels datasets
+if compgen -G "bench/wheels/*.whl" >/dev/null; then
+  # datasets is not on the lent machine's image: bench/fetch_wheels.sh puts its wheels in
+  # bench/wheels (carry it) for the trainer's GPU test and the end-to-end benchmark. No
+  # dependency resolution: the image's pyarrow and pandas are used as they are.
+  step wheels 30 "$PY" -m pip install -q --no-index --no-deps bench/wheels/*.whl
 fi
 
 # ----------------------------------------------------------------------------
@@ -89,7 +91,7 @@ fi
 # lent machine lacks (test_data.py imports datasets), and one collection error stops the
 # whole run.
 mapfile -t gpu_test_files < <(grep -lE "requires_cuda|mark\.gpu" tests/test_*.py)
-step gpu-tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${gpu_test_files[@]}"
+step gpu-tests 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${gpu_test_files[@]}"
 
 # ----------------------------------------------------------------------------
 #  Kernel benchmarks: correctness first, then time against their baselines
