@@ -153,12 +153,14 @@ class TrainConfig:
         if self.data_mode != "pairs" and self.objectives is not None:
             raise ValueError(
                 f"objectives is read only with data_mode 'pairs'; data_mode {self.data_mode!r} "
-                "takes its objectives from the UltraFeedback aspects of `dataset`"
+                "takes its objectives from the UltraFeedback aspects of `dataset` "
+                "(--objectives null clears one that a config file sets)"
             )
         if self.data_mode == "pairs" and self.dataset is not None:
             raise ValueError(
                 "dataset is read only with data_mode 'ultrafeedback' or 'cdpo'; with 'pairs' "
-                "name one file or hub dataset per objective in `objectives`"
+                "name one file or hub dataset per objective in `objectives` (--dataset null "
+                "clears one that a config file sets)"
             )
 
     def to_dict(self) -> dict:

@@ -22,6 +22,12 @@ def test_every_subcommand_has_help():
         (["train", "--config", "no-such-config.yaml"], "no config file 'no-such-config.yaml'"),
         # transformers reported a missing folder as a malformed hub id, in a 79-line traceback.
         (["train", "--model", "/no/such/model", "--max-steps", "1"], "no model folder at"),
+        # The shipped UltraFeedback config sets `dataset`: switching its mode must say how to
+        # clear the field the new mode refuses.
+        (
+            ["train", "--config", "qwen2.5-0.5b-ultrafeedback", "--data-mode", "pairs"],
+            "(--dataset null clears one that a config file sets)",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(argv, message, capsys):
