@@ -230,6 +230,14 @@ def shipped_models() -> dict[str, Path]:
     return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()}
 
 
+def _shadowed(name: str) -> str:
+    """A hint when a local folder that holds no model has a shipped model's name."""
+    shipped = shipped_models().get(name)
+    if shipped is None:
+        return ""
+    return f" (the local folder shadows the shipped model {name}; give its path: {shipped})"
+
+
 def locate_model(name_or_path: str, option: str) -> str:
     """A local path as given, a shipped model's folder for its name, or a checked hub id.
 
@@ -285,7 +293,9 @@ def resolve_model(name_or_path: str, option: str = "--model") -> tuple[str, str 
             return str(path), str(parent)
         return str(path), str(path) if _run_configs(path) else None
     tried = ", ".join(str(path / sub) for sub in FINAL_MODEL_DIRS)
-    raise ValueError(f"{path} holds no model: no config.json there or in {tried}")
+    raise ValueError(
+        f"{path} holds no model: no config.json there or in {tried}{_shadowed(name_or_path)}"
+    )
 
 
 def _run_configs(run_dir: Path) -> list[Path]:
@@ -768,7 +778,10 @@ def build_judge(args: argparse.Namespace):
         )
     model = locate_model(args.judge_model, "--judge-model")
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
-        raise ValueError(f"--judge-model {args.judge_model}: {model} holds no config.json")
+        raise ValueError(
+            f"--judge-model {args.judge_model}: {model} holds no config.json"
+            f"{_shadowed(args.judge_model)}"
+        )
     return LocalJudge(
         model,
         device=None if args.judge_device == "auto" else args.judge_device,

@@ -577,6 +577,32 @@ def test_models_are_checked_before_generating_and_shipped_ones_found_by_name(
     assert len(rows) == 2 and all(r["outcome"] in ("win", "tie", "loss") for r in rows)
 
 
+def test_a_local_folder_that_shadows_a_shipped_model_says_so(tmp_path, monkeypatch):
+    # A folder named like a shipped model (a run's output, say) is read first; holding no
+    # model, the error must point at the shipped one the user likely meant.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stories260K").mkdir()
+    with pytest.raises(ValueError, match="holds no model") as err:
+        evaluation.resolve_model("stories260K")
+    hint = f"shadows the shipped model stories260K; give its path: {STORIES260K}"
+    assert hint in str(err.value)
+
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", "m", "--output-dir", "out", "--judge", "local", "--judge-model", "stories260K"]
+    )
+    with pytest.raises(ValueError, match="holds no config.json") as err:
+        evaluation.build_judge(args)
+    assert f"give its path: {STORIES260K}" in str(err.value)
+
+    # A folder of another name gets no such hint.
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="holds no model") as err:
+        evaluation.resolve_model("other")
+    assert "shadows" not in str(err.value)
+
+
 def test_generation_cache_resumes_and_notices_new_settings(tmp_path):
     prompts, _ = evaluation.load_heldout(limit=5)
     entry = evaluation.ModelEntry("m", str(STORIES260K))
