@@ -121,14 +121,16 @@ def load_heldout(
     part: str = "test",
     split_seed: int = 0,
     ultrafeedback_mode: str = "aspects",
+    test_fraction: float | None = None,
 ) -> tuple[list[HeldOutPrompt], dict]:
     """The held-out prompts with their golden responses, and a note on where they came from.
 
     Prompts are kept in file order, a repeated prompt only once; `limit` keeps the first N.
     For UltraFeedback-schema records, `part="test"` keeps the prompts the trainer holds
     out: the test side of `mofast.data.split_objectives` over the pairs of
-    `ultrafeedback_objectives(records, mode=ultrafeedback_mode)` with `split_seed` (the
-    trainer's seed), so evaluation never sees a training prompt.
+    `ultrafeedback_objectives(records, mode=ultrafeedback_mode)` with `split_seed` and
+    `test_fraction` (the trainer's; None: the recipe's), so evaluation never sees a
+    training prompt.
     """
     if part not in ("test", "all"):
         raise ValueError(f"part must be 'test' or 'all', got {part!r}")
@@ -144,7 +146,8 @@ def load_heldout(
     if all("instruction" in r and "completions" in r for r in records):
         schemas.add("ultrafeedback")
         if part == "test":
-            records = _test_side(mofast_data, records, split_seed, ultrafeedback_mode)
+            fraction = mofast_data.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+            records = _test_side(mofast_data, records, split_seed, ultrafeedback_mode, fraction)
 
     prompts: list[HeldOutPrompt] = []
     seen: set[str] = set()
@@ -197,14 +200,16 @@ def load_heldout(
     return prompts, note
 
 
-def _test_side(mofast_data, records: list[dict], seed: int, mode: str) -> list[dict]:
+def _test_side(
+    mofast_data, records: list[dict], seed: int, mode: str, test_fraction: float
+) -> list[dict]:
     """The records whose prompt the trainer held out (SPEC section 4's split by prompt).
 
     The trainer splits the union of its objectives' pair prompts, so the same pairs are
     derived here and split the same way: a prompt without pairs was never trained on.
     """
     objectives = mofast_data.ultrafeedback_objectives(records, mode=mode)
-    _, held_out = mofast_data.split_objectives(objectives, seed=seed)
+    _, held_out = mofast_data.split_objectives(objectives, test_fraction, seed=seed)
     test = {item["prompt"] for items in held_out.values() for item in items}
     return [r for r in records if str(r["instruction"]) in test]
 
@@ -799,6 +804,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trainer_split(configs: list[dict], split_seed: int | None) -> tuple[int, float | None]:
+    """The seed and test fraction the trainer split its prompts with: the first run config's
+    `split_seed` and `test_fraction` (its `seed` seeds sampling, not the split), the seed
+    overridden by --split-seed; (0, None) without a run config (None: the recipe's)."""
+    if split_seed is None:
+        seeds = [c["split_seed"] for c in configs if isinstance(c.get("split_seed"), int)]
+        split_seed = seeds[0] if seeds else 0
+    fractions = [c.get("test_fraction") for c in configs]
+    fractions = [f for f in fractions if isinstance(f, int | float) and not isinstance(f, bool)]
+    return split_seed, float(fractions[0]) if fractions else None
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """The whole `mofast eval` path; returns the exit status."""
     out_dir = Path(args.output_dir)
@@ -826,10 +843,7 @@ def evaluate(args: argparse.Namespace) -> int:
     models = plan_models(args.model, args.model_name, args.reference, args.no_reference)
     judge = build_judge(args)
     configs = [c for c in (run_config(e.run_dir) for e in models if e.run_dir) if c]
-    split_seed = args.split_seed
-    if split_seed is None:
-        seeds = [c["seed"] for c in configs if isinstance(c.get("seed"), int)]
-        split_seed = seeds[0] if seeds else 0
+    split_seed, test_fraction = trainer_split(configs, args.split_seed)
     cdpo = any(c.get("data_mode") == "cdpo" for c in configs)
     heldout, heldout_note = load_heldout(
         args.heldout,
@@ -838,6 +852,7 @@ def evaluate(args: argparse.Namespace) -> int:
         part=args.heldout_part,
         split_seed=split_seed,
         ultrafeedback_mode="cdpo" if cdpo else "aspects",
+        test_fraction=test_fraction,
     )
     logger.info(
         "%d held-out prompts from %s (%s)", len(heldout), args.heldout, heldout_note["golden"]
@@ -861,6 +876,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "reference": REFERENCE if any(m.label == REFERENCE for m in models) else None,
         "heldout": heldout_note,
         "split_seed": split_seed,
+        "test_fraction": test_fraction,
         "questions": list(questions),
         "judge": judge.identity,
         "judge_max_tokens": MAX_COMPLETION_TOKENS,
@@ -975,7 +991,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="UltraFeedback records: the test side of the split by prompt, or all",
     )
     data.add_argument(
-        "--split-seed", type=int, help="seed of the split by prompt (default: the run's seed)"
+        "--split-seed", type=int, help="seed of the split by prompt (default: the run's split_seed)"
     )
     data.add_argument("--limit", type=int, help="use the first N held-out prompts")
 

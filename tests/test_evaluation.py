@@ -482,6 +482,17 @@ def test_heldout_generic_and_ultrafeedback_records(tmp_path):
     want = {pair["prompt"] for pairs in test.values() for pair in pairs}
     assert {p.prompt for p in held_out} == want and 0 < len(held_out) < 40
 
+    # The trainer splits with its config's split_seed and test_fraction, not its `seed`
+    # (which seeds sampling): reading `seed` evaluated a --seed 5 run on training prompts.
+    config = {"seed": 5, "split_seed": 3, "test_fraction": 0.5}
+    assert evaluation.trainer_split([config], None) == (3, 0.5)
+    assert evaluation.trainer_split([config], 7) == (7, 0.5)
+    assert evaluation.trainer_split([], None) == (0, None)
+    half, _ = evaluation.load_heldout(uf, part="test", split_seed=3, test_fraction=0.5)
+    _, test = data.split_objectives(objectives, 0.5, seed=3)
+    want = {pair["prompt"] for pairs in test.values() for pair in pairs}
+    assert {p.prompt for p in half} == want and len(half) > len(held_out)
+
 
 def test_run_folder_resolution(tmp_path):
     top = tmp_path / "top"
