@@ -397,8 +397,9 @@ def figure(rows: list[Row], labels: list[str], questions: list[str], alpha: floa
         bottom.set_ylabel("net win rate minus\nREFERENCE's (points)")
         # Room above the tallest interval for its significance mark.
         bottom.margins(y=0.15)
+        # Two lines: on one, the narrowest chart (one question, 6 inches) cut it off.
         bottom.set_title(
-            f"Difference from REFERENCE, {level} paired-bootstrap interval "
+            f"Difference from REFERENCE, {level} paired-bootstrap interval\n"
             "(* significant improvement)"
         )
 

@@ -188,6 +188,26 @@ def test_report_keeps_missing_verdicts_apart_from_invalid_and_says_so(tmp_path, 
     assert "verdicts missing" not in (complete / "report.md").read_text()
 
 
+@pytest.mark.parametrize("questions", [1, 5])
+def test_chart_titles_fit_inside_the_figure(tmp_path, questions):
+    # The narrowest chart (one question, REFERENCE and one model: 6 inches) cut the
+    # difference panel's title off at both edges.
+    names = ["overall", "helpfulness", "honesty", "instruction_following", "truthfulness"]
+    n = 9
+    systems = {
+        label: {q: _mixed(n, seed + i) for i, q in enumerate(names[:questions])}
+        for label, seed in (("REFERENCE", 1), ("m", 20))
+    }
+    _write_folder(tmp_path / "eval", systems)
+    _, rows, labels, qs, _ = report.build_report([tmp_path / "eval"], resamples=100)
+    fig = report.figure(rows, labels, qs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        box = ax.title.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1, ax.get_title()
+
+
 def test_chart_shows_each_models_net_win_rate_then_its_difference_from_reference(tmp_path):
     n = 21
     systems = {
