@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         logger.info("run folder %s", run_dir)
         Trainer(config, run_dir, resume=bool(args.resume)).fit()
-        logger.info("done: metrics, plots and the final model are in %s", run_dir)
+        written = ["metrics"]
+        if config.plots:
+            written.append("plots")
+        if config.save_model:
+            written.append("the final model")
+        logger.info("done: %s in %s", " and ".join(written), run_dir)
     finally:
         distributed.shutdown(context)
     return 0

@@ -1,5 +1,6 @@
 """The command line: one entry point, subcommands, bad input as one line and exit status 2."""
 
+import logging
 import subprocess
 import sys
 
@@ -69,6 +70,18 @@ def test_an_os_error_naming_no_file_says_how_to_find_it(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "--log-level DEBUG" in err
     assert err.count("\n") == 1
+
+
+def test_train_says_only_what_it_wrote(tmp_path, caplog):
+    # With plots and the final model switched off, the last line claimed both were written.
+    caplog.set_level(logging.INFO, logger="mofast.train")
+    run = tmp_path / "run"
+    argv = ["train", "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache")]
+    argv += ["--max-steps", "1", "--max-pairs", "4", "--max-length", "32", "--micro-batch", "2"]
+    argv += ["--grad-accum", "1", "--threads", "1", "--tensorboard", "false"]
+    assert main([*argv, "--plots", "false", "--save-model", "false"]) == 0
+    assert caplog.records[-1].getMessage() == f"done: metrics in {run}"
+    assert not (run / "model").exists()
 
 
 def test_python_dash_m_mofast_reaches_the_same_entry_point():
