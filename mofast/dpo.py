@@ -46,6 +46,12 @@ def _causal_flash(module, query, key, value, attention_mask, **kwargs):
     from flash_attn import flash_attn_func
 
     _check_window(module, query.shape[2])
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # Under autocast over float32 weights RoPE's float32 cos/sin turn the bf16 query and
+        # key back to float32 while the value stays bf16; flash-attn takes one half dtype.
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     out = flash_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),

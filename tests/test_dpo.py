@@ -2,6 +2,8 @@
 
 import copy
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -160,3 +162,45 @@ def test_to_right_padding_moves_left_padding_and_rejects_holes():
 def test_sequence_logps_rejects_mismatched_shapes(model):
     with pytest.raises(ValueError, match=r"\[N, T\]"):
         dpo.sequence_logps(model, torch.ones(2, 7, dtype=torch.long), torch.ones(2, 6).long())
+
+
+def test_flash_attention_gets_one_half_precision_dtype_under_autocast(monkeypatch):
+    # Under the trainer's bf16 autocast over float32 weights, RoPE's float32 cos/sin turn
+    # the bf16 query and key back to float32 while the value stays bf16; flash-attn accepts
+    # only fp16/bf16 and one dtype for all three (HF's own flash path casts for this).
+    seen = []
+
+    def flash_attn_func(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)
+        groups = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * kwargs["softmax_scale"]
+        causal = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    )
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    # A name without "flash": transformers would look for the real flash-attn package.
+    AttentionInterface.register("mofast_test_causal_fa", dpo._causal_flash)
+    config = LlamaConfig(
+        vocab_size=67,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config._attn_implementation = "mofast_test_causal_fa"
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 67, (2, 7))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = dpo.sequence_logps(model, ids, labels)
+    assert seen == [(torch.bfloat16,) * 3]
+    assert torch.isfinite(logps).all()
