@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from mofast.assets import ASSETS, DEFAULT_EVAL, STORIES260K
+from mofast.assets import DEFAULT_EVAL, STORIES260K, shipped_models
 from mofast.judges import (
     MAX_COMPLETION_TOKENS,
     QUESTIONS,
@@ -228,11 +228,6 @@ class ModelEntry:
 
 # Sub-folders where a run folder may keep its final model, in the order they are tried.
 FINAL_MODEL_DIRS = ("model", "final")
-
-
-def shipped_models() -> dict[str, Path]:
-    """The models shipped in mofast/assets, by folder name (`stories260K`)."""
-    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()}
 
 
 def _shadowed(name: str) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mofast import checkpoint, distributed, dpo
+from mofast.assets import STORIES260K, shipped_models
 from mofast.config import TrainConfig, dump_yaml
 from mofast.kernels import combine, gram
 
@@ -159,25 +160,31 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_location(source: str | None) -> tuple[str, dict]:
-    """(path or hub id, extra from_pretrained kwargs) of a model given as in the config."""
+    """(path or hub id, extra from_pretrained kwargs) of a model given as in the config: a
+    local folder, a .gguf file, a shipped model's name (`stories260K`) or a hub id."""
     if source is None:
-        from mofast.assets import STORIES260K
-
         return str(STORIES260K), {}
+    path = Path(source).expanduser()
     if source.endswith(".gguf"):
-        path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
-    # A hub id is "name" or "namespace/name"; anything else that is not on disk was meant as
-    # a path (transformers would report it as a malformed hub id, deep in a traceback).
-    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if looks_like_path and not Path(source).expanduser().exists():
+    if path.exists():
+        return str(path), {}
+    if source in shipped_models():
+        return str(shipped_models()[source]), {}
+
+    # A hub id is "name" or "namespace/name"; anything else, or a name whose first part is a
+    # local folder, was meant as a path (transformers would report it as a malformed hub id
+    # or a failed download, deep in a traceback).
+    meant_as_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    meant_as_path = meant_as_path or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    if meant_as_path:
         raise FileNotFoundError(
-            f"no model folder at {source} (expected a local folder, a .gguf "
-            "file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+            f"no model folder at {source} (expected a local folder, a .gguf file, a shipped "
+            f"model ({', '.join(shipped_models())}) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
         )
-    return str(Path(source).expanduser()) if looks_like_path else source, {}
+    return source, {}
 
 
 def load_tokenizer(config: TrainConfig):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from mofast import evaluation, judges
-from mofast.assets import DEFAULT_EVAL, STORIES260K
+from mofast.assets import DEFAULT_EVAL, STORIES260K, shipped_models
 from mofast.cli import main as cli_main
 
 API_KEY = "test-key-7f3a"
@@ -576,7 +576,7 @@ def test_models_are_checked_before_generating_and_shipped_ones_found_by_name(
     assert not (out / "generations").exists()
 
     assert evaluation.resolve_model("stories260K") == (str(STORIES260K), None)
-    assert evaluation.shipped_models() == {"stories260K": STORIES260K}
+    assert shipped_models() == {"stories260K": STORIES260K}
 
     # The README's command with the shipped judge by name works from anywhere.
     argv = ["eval", *model, "--model-name", "same", *local, "--judge-model", "stories260K"]

@@ -526,6 +526,25 @@ def test_model_location_of_folders_hub_ids_and_gguf_files(tmp_path):
         model_location(str(tmp_path / "missing.gguf"))
 
 
+def test_model_location_of_home_paths_shipped_names_and_missing_folders(tmp_path, monkeypatch):
+    from mofast.assets import STORIES260K
+
+    # `~` was not expanded for a GGUF file ("not found" for a file that was there).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert model_location("~/m.gguf") == (str(tmp_path), {"gguf_file": "m.gguf"})
+    assert model_location("stories260K") == (str(STORIES260K), {})
+
+    # A missing folder under a local one was taken for a hub id and ended in a download error;
+    # a missing path of any shape is named, without a network call.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in ("runs/nothere", "/no/such/model", "./x", "~/nothere", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no model folder at"):
+            model_location(missing)
+    assert model_location("runs") == ("runs", {})
+
+
 def test_fit_writes_metrics_plots_tensorboard_and_the_final_model(tmp_path, cache_dir):
     from safetensors.torch import load_file
 

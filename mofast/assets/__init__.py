@@ -16,3 +16,8 @@ DEFAULT_OBJECTIVES = {
     "rubric_mean": ULTRAFEEDBACK / "rubric_mean_1k.jsonl.gz",
 }
 DEFAULT_EVAL = ULTRAFEEDBACK / "overall_score_eval.jsonl.gz"
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models shipped here, by folder name (`stories260K`): what `--model NAME` finds."""
+    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()}
