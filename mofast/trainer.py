@@ -732,12 +732,20 @@ class Trainer:
             # [pairs, 2] -> chosen rows then rejected rows, like the batch.
             reference = reference.t().reshape(-1)
         return MicroBatch(
-            input_ids=ids.to(self.device, non_blocking=True),
-            labels=labels.to(self.device, non_blocking=True),
+            input_ids=self._to_device(ids),
+            labels=self._to_device(labels),
             reference=reference,
             pairs=pairs,
             tokens=int(mask.sum()),
         )
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device without waiting for the GPU: a blocking copy drains
+        its queue, and CUDA stages a copy from pageable memory synchronously, so on CUDA the
+        tensor is pinned first (the caching host allocator keeps it until the copy is done)."""
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def window_tokens(self, window: dict[str, list[list[int]]]) -> int:
         """Non-padding tokens of a whole (global) window: the step's throughput on all ranks,
@@ -759,10 +767,7 @@ class Trainer:
                     indices = indices[rank * share : (rank + 1) * share]
                 reference = None
                 if self.reference_table:
-                    # non_blocking, like the batch's copies: a blocking host-to-device copy
-                    # waits for the GPU's queue to drain, every micro-batch.
-                    index = torch.tensor(indices, dtype=torch.long)
-                    index = index.to(self.device, non_blocking=True)
+                    index = self._to_device(torch.tensor(indices, dtype=torch.long))
                     reference = self.reference_table[name].index_select(0, index)
                 micro.append(self._collate(self.datasets[name][indices], reference))
             batches.append(micro)
