@@ -811,6 +811,16 @@ def trainer_split(configs: list[dict], split_seed: int | None) -> tuple[int, flo
     return split_seed, float(fractions[0]) if fractions else None
 
 
+def default_heldout(configs: list[dict]) -> str:
+    """The held-out data when --heldout is not given: the UltraFeedback dataset a run
+    trained on in `ultrafeedback` or `cdpo` mode (its test side is held out), else the
+    embedded evaluation set (held out from the embedded default's training pairs)."""
+    for config in configs:
+        if config.get("data_mode") in ("ultrafeedback", "cdpo") and config.get("dataset"):
+            return str(config["dataset"])
+    return str(DEFAULT_EVAL)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """The whole `mofast eval` path; returns the exit status."""
     out_dir = Path(args.output_dir)
@@ -840,8 +850,9 @@ def evaluate(args: argparse.Namespace) -> int:
     configs = [c for c in (run_config(e.run_dir) for e in models if e.run_dir) if c]
     split_seed, test_fraction = trainer_split(configs, args.split_seed)
     cdpo = any(c.get("data_mode") == "cdpo" for c in configs)
+    source = args.heldout or default_heldout(configs)
     heldout, heldout_note = load_heldout(
-        args.heldout,
+        source,
         limit=args.limit,
         split=args.heldout_split,
         part=args.heldout_part,
@@ -849,9 +860,7 @@ def evaluate(args: argparse.Namespace) -> int:
         ultrafeedback_mode="cdpo" if cdpo else "aspects",
         test_fraction=test_fraction,
     )
-    logger.info(
-        "%d held-out prompts from %s (%s)", len(heldout), args.heldout, heldout_note["golden"]
-    )
+    logger.info("%d held-out prompts from %s (%s)", len(heldout), source, heldout_note["golden"])
     logger.info("models: %s", ", ".join(f"{m.label}={m.path}" for m in models))
 
     from tqdm.auto import tqdm
@@ -974,8 +983,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("held-out data")
     data.add_argument(
         "--heldout",
-        default=str(DEFAULT_EVAL),
-        help="JSONL[.gz]/JSON/Parquet file or hub dataset (default: the embedded "
+        help="JSONL[.gz]/JSON/Parquet file or hub dataset (default: the `dataset` of a run "
+        "trained in ultrafeedback or cdpo mode, its test side; else the embedded "
         "overall_score_eval.jsonl.gz, whose golden response is `chosen`)",
     )
     data.add_argument("--heldout-split", default="train", help="hub split (default train)")

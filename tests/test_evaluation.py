@@ -423,6 +423,17 @@ def test_heldout_default_is_the_embedded_eval_file_with_chosen_as_golden():
     assert len({p.id for p in prompts}) == 7
 
 
+def test_heldout_default_follows_a_run_trained_on_ultrafeedback():
+    # The embedded eval file was the default for every run: a run trained on hub UltraFeedback
+    # was judged on prompts unrelated to its split (some of them possibly trained on).
+    pairs = {"data_mode": "pairs", "objectives": None, "dataset": None}
+    aspects = {"data_mode": "ultrafeedback", "dataset": "openbmb/UltraFeedback"}
+    assert evaluation.default_heldout([]) == str(DEFAULT_EVAL)
+    assert evaluation.default_heldout([pairs]) == str(DEFAULT_EVAL)
+    assert evaluation.default_heldout([pairs, aspects]) == "openbmb/UltraFeedback"
+    assert evaluation.default_heldout([{"data_mode": "cdpo", "dataset": "uf.jsonl"}]) == "uf.jsonl"
+
+
 def test_heldout_generic_and_ultrafeedback_records(tmp_path):
     generic = tmp_path / "g.jsonl"
     generic.write_text(
