@@ -169,29 +169,52 @@ def model_location(source: str | None) -> tuple[str, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
+    shipped = shipped_models()
     if path.exists():
+        if source in shipped and path.is_dir() and not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{source} holds no model (no config.json): the local folder shadows the "
+                f"shipped model {source}; give its path: {shipped[source]}"
+            )
         return str(path), {}
-    if source in shipped_models():
-        return str(shipped_models()[source]), {}
+    if source in shipped:
+        return str(shipped[source]), {}
 
-    # A hub id is "name" or "namespace/name"; anything else, or a name whose first part is a
-    # local folder, was meant as a path (transformers would report it as a malformed hub id
-    # or a failed download, deep in a traceback).
-    meant_as_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
-    meant_as_path = meant_as_path or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
-    if meant_as_path:
+    # A hub id is "name" or "namespace/name"; anything else was meant as a path (transformers
+    # would report it as a malformed hub id, deep in a traceback). A namespace that is also a
+    # local folder stays a hub id (`Qwen/...` beside a folder `Qwen`): `_pretrained` names
+    # the missing folder if the hub has no such model either.
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise FileNotFoundError(
             f"no model folder at {source} (expected a local folder, a .gguf file, a shipped "
-            f"model ({', '.join(shipped_models())}) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+            f"model ({', '.join(shipped)}) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
         )
     return source, {}
+
+
+def _pretrained(load, source: str | None, **options):
+    """`load(location, ...)` (a from_pretrained) of a model given as in the config. A hub id
+    whose first part is a local folder may be a mistyped path under it (`runs/typo`): when
+    loading it fails, the error names the missing folder, not only the failed download."""
+    location, kwargs = model_location(source)
+    try:
+        return load(location, **kwargs, **options)
+    except OSError as error:
+        parts = Path(location).parts
+        under_local = len(parts) > 1 and Path(parts[0]).is_dir() and not Path(location).exists()
+        if location != source or not under_local:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"no model folder at {source} ({parts[0]} is a local folder), and no hub model "
+            f"of that id: {reason}"
+        ) from error
 
 
 def load_tokenizer(config: TrainConfig):
     from transformers import AutoTokenizer
 
-    location, kwargs = model_location(config.tokenizer or config.model)
-    return AutoTokenizer.from_pretrained(location, **kwargs)
+    return _pretrained(AutoTokenizer.from_pretrained, config.tokenizer or config.model)
 
 
 def load_model(config: TrainConfig, device: torch.device, *, move: bool = True):
@@ -200,8 +223,7 @@ def load_model(config: TrainConfig, device: torch.device, *, move: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dpo.register_causal_attention()
-    location, kwargs = model_location(config.model)
-    model_config = AutoConfig.from_pretrained(location, **kwargs)
+    model_config = _pretrained(AutoConfig.from_pretrained, config.model)
     backend = select_backend(
         device.type,
         dtype=config.dtype,
@@ -216,8 +238,11 @@ def load_model(config: TrainConfig, device: torch.device, *, move: bool = True):
         float32_master=config.grad_dtype == "float32" and config.parallel != "fsdp",
     )
 
-    model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=backend.dtype, attn_implementation=backend.attn_implementation, **kwargs
+    model = _pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        config.model,
+        dtype=backend.dtype,
+        attn_implementation=backend.attn_implementation,
     )
     if move:
         model.to(device)

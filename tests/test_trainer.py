@@ -539,10 +539,43 @@ def test_model_location_of_home_paths_shipped_names_and_missing_folders(tmp_path
     # a missing path of any shape is named, without a network call.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    for missing in ("runs/nothere", "/no/such/model", "./x", "~/nothere", "a/b/c"):
+    for missing in ("/no/such/model", "./x", "~/nothere", "a/b/c"):
         with pytest.raises(FileNotFoundError, match="no model folder at"):
             model_location(missing)
     assert model_location("runs") == ("runs", {})
+
+
+def test_a_hub_id_beside_a_folder_of_its_namespace_and_a_shadowed_shipped_name(
+    tmp_path, monkeypatch
+):
+    from mofast.trainer import _pretrained
+
+    # A folder named like a hub namespace (`Qwen`, e.g. from a download) made every id of
+    # that namespace a "missing folder", the README's own example included.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen").mkdir()
+    (tmp_path / "runs").mkdir()
+    hub_id = "Qwen/Qwen2.5-0.5B-Instruct"
+    assert model_location(hub_id) == (hub_id, {})
+
+    def hub(location, **kwargs):
+        if location != hub_id:
+            raise OSError(f"{location} is not a valid model identifier\nmore detail")
+        return location, kwargs
+
+    assert _pretrained(hub, hub_id, dtype="x") == (hub_id, {"dtype": "x"})
+    # A typo under a local folder that the hub does not know either names the folder.
+    with pytest.raises(FileNotFoundError, match=r"no model folder at runs/nothere \(runs is"):
+        _pretrained(hub, "runs/nothere")
+    with pytest.raises(OSError, match="nobody/nothing is not a valid") as error:
+        _pretrained(hub, "nobody/nothing")
+    assert type(error.value) is OSError, "an id under no local folder fails as the hub says"
+
+    # A local folder without a model that has a shipped model's name (a run folder called
+    # stories260K) was loaded instead of the shipped model and failed inside transformers.
+    (tmp_path / "stories260K").mkdir()
+    with pytest.raises(FileNotFoundError, match="shadows the shipped model stories260K"):
+        model_location("stories260K")
 
 
 def test_fit_writes_metrics_plots_tensorboard_and_the_final_model(tmp_path, cache_dir):
