@@ -821,6 +821,24 @@ def default_heldout(configs: list[dict]) -> str:
     return str(DEFAULT_EVAL)
 
 
+def heldout_split(
+    configs: list[dict], source: str, split_seed: int | None
+) -> tuple[int, float | None, str]:
+    """(split seed, test fraction, ultrafeedback mode) that held `source`'s test side out:
+    those of the runs that trained on `source` in ultrafeedback or cdpo mode, else of all the
+    runs (trainer_split). A run of another mode listed first has split settings of its own
+    that never touched `source`."""
+    trained_on = [
+        c
+        for c in configs
+        if c.get("data_mode") in ("ultrafeedback", "cdpo") and str(c.get("dataset")) == source
+    ]
+    chosen = trained_on or configs
+    seed, fraction = trainer_split(chosen, split_seed)
+    cdpo = any(c.get("data_mode") == "cdpo" for c in chosen)
+    return seed, fraction, "cdpo" if cdpo else "aspects"
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """The whole `mofast eval` path; returns the exit status."""
     out_dir = Path(args.output_dir)
@@ -848,16 +866,15 @@ def evaluate(args: argparse.Namespace) -> int:
     models = plan_models(args.model, args.model_name, args.reference, args.no_reference)
     judge = build_judge(args)
     configs = [c for c in (run_config(e.run_dir) for e in models if e.run_dir) if c]
-    split_seed, test_fraction = trainer_split(configs, args.split_seed)
-    cdpo = any(c.get("data_mode") == "cdpo" for c in configs)
     source = args.heldout or default_heldout(configs)
+    split_seed, test_fraction, mode = heldout_split(configs, source, args.split_seed)
     heldout, heldout_note = load_heldout(
         source,
         limit=args.limit,
         split=args.heldout_split,
         part=args.heldout_part,
         split_seed=split_seed,
-        ultrafeedback_mode="cdpo" if cdpo else "aspects",
+        ultrafeedback_mode=mode,
         test_fraction=test_fraction,
     )
     logger.info("%d held-out prompts from %s (%s)", len(heldout), source, heldout_note["golden"])

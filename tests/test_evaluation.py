@@ -434,6 +434,20 @@ def test_heldout_default_follows_a_run_trained_on_ultrafeedback():
     assert evaluation.default_heldout([{"data_mode": "cdpo", "dataset": "uf.jsonl"}]) == "uf.jsonl"
 
 
+def test_the_default_heldout_split_is_the_one_of_the_run_that_trained_on_it():
+    # With a pairs-mode run listed first, the held-out set was the ultrafeedback run's
+    # dataset but its test side was cut with the pairs run's split settings: prompts the
+    # ultrafeedback run trained on were judged as held out.
+    pairs = {"data_mode": "pairs", "dataset": None, "split_seed": 0, "test_fraction": 0.1}
+    cdpo = {"data_mode": "cdpo", "dataset": "uf.jsonl", "split_seed": 5, "test_fraction": 0.2}
+    source = evaluation.default_heldout([pairs, cdpo])
+    assert source == "uf.jsonl"
+    assert evaluation.heldout_split([pairs, cdpo], source, None) == (5, 0.2, "cdpo")
+    assert evaluation.heldout_split([pairs, cdpo], source, 7) == (7, 0.2, "cdpo")
+    # Another file given with --heldout: no run trained on it, every run's settings count.
+    assert evaluation.heldout_split([pairs, cdpo], "other.jsonl", None) == (0, 0.1, "cdpo")
+
+
 def test_heldout_generic_and_ultrafeedback_records(tmp_path):
     generic = tmp_path / "g.jsonl"
     generic.write_text(
