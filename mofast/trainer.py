@@ -995,14 +995,14 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.run_dir}")
         if self.context.sharded:
-            state = checkpoint.load_checkpoint(path, None)
+            state = _checked_state(path, checkpoint.load_checkpoint(path, None))
             weights = checkpoint.load_weights(path)
             distributed.load_full_state(
                 self.model, self.optimizer, weights, state["optimizer"], self.context
             )
             self.buffers.point_at_flat()
         else:
-            state = checkpoint.load_checkpoint(path, self.model)
+            state = _checked_state(path, checkpoint.load_checkpoint(path, self.model))
             self.optimizer.load_state_dict(state["optimizer"])
         if state["names"] != self.names:
             raise ValueError(f"checkpoint objectives {state['names']} differ from {self.names}")
@@ -1129,6 +1129,30 @@ class Trainer:
             save_final_model(self.model, self.tokenizer, self.run_dir / "model", weights)
             logger.info("final model saved in %s", self.run_dir / "model")
         distributed.barrier(self.context)
+
+
+_STATE_KEYS = (
+    "step",
+    "skipped_total",
+    "optimizer",
+    "updates",
+    "combinator",
+    "sampler",
+    "rng",
+    "names",
+)
+
+
+def _checked_state(path: Path, state: dict) -> dict:
+    """A checkpoint's state.pt, refused with its missing entries named when another version
+    of mofast wrote it (one from before the lr schedule counted updates has no `updates`)."""
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks {', '.join(missing)}: another version of mofast wrote "
+            "it, and this one cannot resume it; start a new run (another --output-dir)"
+        )
+    return state
 
 
 def _pair_tokens(dataset) -> np.ndarray:

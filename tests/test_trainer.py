@@ -680,6 +680,20 @@ def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
     assert resumed.step == 1 and [json.loads(line)["step"] for line in lines] == [1]
 
 
+def test_a_checkpoint_without_the_update_count_is_refused_by_name(cache_dir, tmp_path):
+    # A checkpoint from before the lr schedule counted applied updates holds a LambdaLR
+    # state instead: resuming it ended in a bare KeyError traceback.
+    run_dir = tmp_path / "run"
+    Trainer(tiny(cache_dir, max_steps=1), run_dir).fit()
+    state_file = run_dir / "checkpoints" / "step-00000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["scheduler"] = {"last_epoch": int(state.pop("updates"))}
+    torch.save(state, state_file)
+
+    with pytest.raises(ValueError, match=r"step-00000001 lacks updates: another version"):
+        Trainer(tiny(cache_dir, max_steps=2), run_dir, resume=True)
+
+
 def test_resume_keeps_the_checkpointed_steps_tensorboard_scalars(cache_dir, tmp_path):
     # The writer purges the events from its purge_step on; the checkpoint's own step was
     # logged before the checkpoint and is not redone, so it must survive the resume.
