@@ -1,15 +1,18 @@
 """The trainer's CUDA path, on a GPU only (bench/gpu_check.sh): float32 weights with the
 forward under bf16 autocast, fused AdamW reading its lr on the device, and a whole step that
 never synchronises with the host. The lent GPU machine lacks `datasets` unless its wheels
-were carried (bench/fetch_wheels.sh): then this file is skipped, not an error."""
+were carried (bench/fetch_wheels.sh): then this file is skipped, not an error. A `datasets`
+that is there but cannot be imported (a dependency missing) is an error, not a skip."""
 
+import importlib.util
 import math
 
 import pytest
 import torch
 from conftest import requires_cuda
 
-pytest.importorskip("datasets", reason="bench/fetch_wheels.sh brings datasets to a GPU machine")
+if importlib.util.find_spec("datasets") is None:
+    pytest.skip("bench/fetch_wheels.sh brings datasets to a GPU machine", allow_module_level=True)
 
 from mofast.config import TrainConfig  # noqa: E402
 from mofast.trainer import Trainer  # noqa: E402
