@@ -206,8 +206,8 @@ def _pretrained(load, source: str | None, **options):
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(
-            f"no model folder at {source} ({parts[0]} is a local folder), and no hub model "
-            f"of that id: {reason}"
+            f"no model folder at {source} ({parts[0]} is a local folder), and loading it "
+            f"as a hub id failed: {reason}"
         ) from error
 
 
