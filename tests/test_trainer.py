@@ -680,6 +680,47 @@ def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
     assert resumed.step == 1 and [json.loads(line)["step"] for line in lines] == [1]
 
 
+def test_a_skipped_step_before_a_checkpoint_resumes_exactly_on_its_schedule(
+    cache_dir, tmp_path, monkeypatch
+):
+    # Step 2's loss is NaN: it is skipped, the schedule (warm-up included) does not advance,
+    # and a run stopped at the step-3 checkpoint and resumed ends with the uninterrupted
+    # run's weights and logs the same lr per step, each the schedule at the applied updates.
+    accumulate = Trainer.accumulate_gradients
+
+    def nan_at_step_2(self, batches):
+        stats = accumulate(self, batches)
+        return stats.index_fill(1, torch.tensor([0]), math.nan) if self.step == 1 else stats
+
+    monkeypatch.setattr(Trainer, "accumulate_gradients", nan_at_step_2)
+    config = tiny(cache_dir, micro_batch=2, epochs=2, warmup_ratio=0.2, save_every=3)
+    full = Trainer(config, tmp_path / "full")
+    full.fit()
+    stopped = Trainer(config, tmp_path / "stopped")
+    stopped.total_steps = 3
+    stopped.fit()
+    resumed = Trainer(config, tmp_path / "stopped", resume=True)
+    assert resumed.step == 3 and resumed.updates == 2
+    resumed.fit()
+
+    def entries(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    logged = entries(tmp_path / "full")
+    assert logged == [
+        {**e, "tokens_per_s": f["tokens_per_s"]}
+        for e, f in zip(entries(tmp_path / "stopped"), logged, strict=True)
+    ]
+    assert [e["skipped"] for e in logged] == [i == 1 for i in range(full.total_steps)]
+    updates = [0, 1, 1] + list(range(2, full.total_steps - 1))
+    assert [e["lr"] for e in logged] == [
+        (config.lr * full.lr_factor(u)).float().item() for u in updates
+    ]
+    assert full.updates == resumed.updates == full.total_steps - 1
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_checkpoint_without_the_update_count_is_refused_by_name(cache_dir, tmp_path):
     # A checkpoint from before the lr schedule counted applied updates holds a LambdaLR
     # state instead: resuming it ended in a bare KeyError traceback.
