@@ -817,7 +817,16 @@ def default_heldout(configs: list[dict]) -> str:
     embedded evaluation set (held out from the embedded default's training pairs)."""
     for config in configs:
         if config.get("data_mode") in ("ultrafeedback", "cdpo") and config.get("dataset"):
-            return str(config["dataset"])
+            source = str(config["dataset"])
+            # A data file the run named relative to the folder it was trained from.
+            is_file = source.lower().endswith((".json", ".jsonl", ".gz", ".parquet"))
+            if is_file and not Path(source).expanduser().exists():
+                raise FileNotFoundError(
+                    f"the default held-out set is the test side of {source}, which a run "
+                    f"trained on, but there is no such file from {Path.cwd()}: run eval from "
+                    "where the run was trained, or give --heldout with the file's path"
+                )
+            return source
     return str(DEFAULT_EVAL)
 
 

@@ -423,7 +423,7 @@ def test_heldout_default_is_the_embedded_eval_file_with_chosen_as_golden():
     assert len({p.id for p in prompts}) == 7
 
 
-def test_heldout_default_follows_a_run_trained_on_ultrafeedback():
+def test_heldout_default_follows_a_run_trained_on_ultrafeedback(tmp_path, monkeypatch):
     # The embedded eval file was the default for every run: a run trained on hub UltraFeedback
     # was judged on prompts unrelated to its split (some of them possibly trained on).
     pairs = {"data_mode": "pairs", "objectives": None, "dataset": None}
@@ -431,15 +431,25 @@ def test_heldout_default_follows_a_run_trained_on_ultrafeedback():
     assert evaluation.default_heldout([]) == str(DEFAULT_EVAL)
     assert evaluation.default_heldout([pairs]) == str(DEFAULT_EVAL)
     assert evaluation.default_heldout([pairs, aspects]) == "openbmb/UltraFeedback"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uf.jsonl").write_text("")
     assert evaluation.default_heldout([{"data_mode": "cdpo", "dataset": "uf.jsonl"}]) == "uf.jsonl"
 
+    # A run's relative data file seen from another folder was "preference file not found:
+    # uf.jsonl", a file the eval command never named.
+    monkeypatch.chdir(tmp_path / "..")
+    with pytest.raises(FileNotFoundError, match="test side of uf.jsonl, which a run trained on"):
+        evaluation.default_heldout([{"data_mode": "cdpo", "dataset": "uf.jsonl"}])
 
-def test_the_default_heldout_split_is_the_one_of_the_run_that_trained_on_it():
+
+def test_the_default_heldout_split_is_the_one_of_the_run_that_trained_on_it(tmp_path, monkeypatch):
     # With a pairs-mode run listed first, the held-out set was the ultrafeedback run's
     # dataset but its test side was cut with the pairs run's split settings: prompts the
     # ultrafeedback run trained on were judged as held out.
     pairs = {"data_mode": "pairs", "dataset": None, "split_seed": 0, "test_fraction": 0.1}
     cdpo = {"data_mode": "cdpo", "dataset": "uf.jsonl", "split_seed": 5, "test_fraction": 0.2}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uf.jsonl").write_text("")
     source = evaluation.default_heldout([pairs, cdpo])
     assert source == "uf.jsonl"
     assert evaluation.heldout_split([pairs, cdpo], source, None) == (5, 0.2, "cdpo")
