@@ -60,14 +60,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if args.config:
-            raise SystemExit("--resume takes the run's own config.yaml; do not pass --config")
+            raise ValueError("--resume takes the run's own config.yaml; do not pass --config")
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"{run_dir} is not a mofast run folder (no config.yaml)")
+            raise FileNotFoundError(f"{run_dir} is not a mofast run folder (no config.yaml)")
         if checkpoint.latest_checkpoint(run_dir) is None:
-            raise SystemExit(f"{run_dir} holds no checkpoint to resume from")
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint to resume from")
+        # The folder resumed is the run, wherever it was first written (a copied or moved
+        # run folder resumes too); only an explicit, different --output-dir contradicts it.
+        given = overrides.get("output_dir")
+        if given and Path(given).resolve() != run_dir.resolve():
+            raise ValueError(f"--output-dir {given} differs from --resume {run_dir}")
         config = from_dict(overrides, load_yaml(run_dir / "config.yaml"))
-        if config.output_dir and Path(config.output_dir).resolve() != run_dir.resolve():
-            raise SystemExit(f"--output-dir {config.output_dir} differs from --resume {run_dir}")
     else:
         config = from_dict(overrides, load_yaml(args.config or DEFAULT_CONFIG))
         run_dir = Path(config.output_dir) if config.output_dir else _new_run_dir(config.combinator)

@@ -21,6 +21,8 @@ def test_every_subcommand_has_help():
     [
         (["train", "--micro-batch", "0"], "micro_batch must be at least 1"),
         (["train", "--config", "no-such-config.yaml"], "no config file 'no-such-config.yaml'"),
+        # A wrong --resume folder ended with exit status 1 and no "mofast train: error:".
+        (["train", "--resume", "/no/such/run"], "/no/such/run is not a mofast run folder"),
         # transformers reported a missing folder as a malformed hub id, in a 79-line traceback.
         (["train", "--model", "/no/such/model", "--max-steps", "1"], "no model folder at"),
         # The shipped UltraFeedback config sets `dataset`: switching its mode must say how to
