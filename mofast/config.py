@@ -71,6 +71,7 @@ class TrainConfig:
     lr: float = 1e-7
     warmup_ratio: float = 0.03
     epochs: int = 1
+    # The run's optimiser steps when set, in place of `epochs` (as in TRL / Hugging Face).
     max_steps: int | None = None
     micro_batch: int = 8
     grad_accum: int = 4

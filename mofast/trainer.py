@@ -547,8 +547,8 @@ class Trainer:
             grad_accum=config.grad_accum,
             seed=config.seed,
         )
-        epochs_steps = config.epochs * self.sampler.steps_per_epoch
-        self.total_steps = min(epochs_steps, config.max_steps or epochs_steps)
+        # As in Hugging Face's TrainingArguments, max_steps (when set) replaces the epochs.
+        self.total_steps = config.max_steps or config.epochs * self.sampler.steps_per_epoch
 
         self.reference_forwards = 0
         self.reference_model = None
@@ -569,7 +569,7 @@ class Trainer:
                 "to match (e.g. --grad-dtype bfloat16 with a bfloat16 model)"
             )
         logger.info(
-            "gradient buffers: %d objectives x %d parameters in %s = %.1f MiB (%s)%s",
+            "gradient buffers: k = %d x %d parameters in %s = %.1f MiB (%s)%s",
             self.k,
             self.buffers.numel,
             config.grad_dtype,
@@ -1042,7 +1042,7 @@ class Trainer:
 
         config = self.config
         logger.info(
-            "%s on %d objectives: %d steps (%d per epoch), %d pairs per objective and step "
+            "%s on k = %d: %d steps (%d per epoch), %d pairs per objective and step "
             "(%d micro-batches of %d), lr %g",
             config.combinator,
             self.k,

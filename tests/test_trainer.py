@@ -666,6 +666,16 @@ def test_sigkill_and_resume_end_with_the_weights_of_an_uninterrupted_run(tmp_pat
     assert steps_of(full_dir) == steps_of(killed_dir)
 
 
+def test_max_steps_replaces_the_epochs(cache_dir, tmp_path):
+    # It only capped them: --max-steps 100 on a 72-step config ran 72 steps without a word.
+    trainer = Trainer(tiny(cache_dir, epochs=1, max_steps=5, log_every=5), tmp_path / "run")
+    assert trainer.sampler.steps_per_epoch == 2 and trainer.total_steps == 5
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
+    assert (trainer.sampler.epoch, trainer.sampler.step) == (2, 1)
+
+
 def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
     # A kill while metrics.jsonl is appended (the buffered lines go out in several writes)
     # leaves a cut last line; it belongs to steps after the checkpoint and must not stop
