@@ -422,6 +422,19 @@ def plot(
     plt.close(fig)
 
 
+def mixed_settings(read: list[Folder]) -> bool:
+    """Whether the folders differ in held-out data (source, size) or judge."""
+    settings = {
+        (
+            f.meta.get("judge"),
+            f.meta.get("heldout", {}).get("source"),
+            f.meta.get("heldout", {}).get("prompts"),
+        )
+        for f in read
+    }
+    return len(settings) > 1
+
+
 def build_report(
     folders: list[str | Path],
     *,
@@ -447,6 +460,11 @@ def build_report(
                 "only the verdicts present; run the same `mofast eval` command again to ask "
                 "only the missing ones"
             )
+    if mixed_settings(read):
+        notes.append(
+            "**the folders were judged on different held-out sets or by different judges**: "
+            "rows from different folders are not comparable (bold marks the best across all)"
+        )
     for folder in read:
         meta, heldout = folder.meta, folder.meta.get("heldout", {})
         notes.append(
@@ -496,6 +514,11 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     logger.info("wrote %s, %s and %s", output, output.with_suffix(".json"), png)
 
+    if mixed_settings(read):
+        logger.warning(
+            "the folders were judged on different held-out sets or by different judges: "
+            "rows from different folders are not comparable"
+        )
     incomplete = [f for f in read if f.missing]
     for folder in incomplete:
         logger.error(

@@ -128,6 +128,13 @@ def test_report_over_several_folders_shares_an_identical_reference(tmp_path):
     by = {r.label: r for r in rows}
     assert by["m"].test.significant and not by["m (b)"].test.significant
     assert "| m (b) |" in text
+    assert "not comparable" not in text
+
+    # Folders judged on other held-out sets were merged into one table without a word.
+    _write_folder(tmp_path / "c", {"REFERENCE": reference, "m": {"overall": ["win"] * n}},
+                  prompts=5)  # fmt: skip
+    text, *_ = report.build_report([tmp_path / "a", tmp_path / "c"], resamples=100)
+    assert "different held-out sets or by different judges" in text
 
 
 def test_report_without_a_reference_or_results(tmp_path):
