@@ -101,29 +101,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot work."""
-        choices = {
-            "data_mode": DATA_MODES,
-            "reference": REFERENCE_MODES,
-            "grad_dtype": GRAD_DTYPES,
-            "dtype": MODEL_DTYPES,
-            "attn_implementation": ATTENTION,
-            "liger": SWITCHES,
-            "parallel": PARALLEL,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in field_choices().items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-
-        from mofast.combinators import COMBINATORS, SOLVER_METHODS
-
-        if self.combinator not in COMBINATORS:
-            raise ValueError(
-                f"combinator must be one of {tuple(COMBINATORS)}, got {self.combinator!r}"
-            )
-        if self.solver_method not in SOLVER_METHODS:
-            raise ValueError(
-                f"solver_method must be one of {tuple(SOLVER_METHODS)}, got {self.solver_method!r}"
-            )
 
         # Comparisons with NaN are false, so a NaN would slip past the range checks below.
         for name, annotation in _field_types().items():
@@ -271,17 +251,82 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every field that takes one of a few names."""
+    from mofast.combinators import COMBINATORS, SOLVER_METHODS
+
+    return {
+        "data_mode": DATA_MODES,
+        "reference": REFERENCE_MODES,
+        "grad_dtype": GRAD_DTYPES,
+        "dtype": MODEL_DTYPES,
+        "attn_implementation": ATTENTION,
+        "liger": SWITCHES,
+        "parallel": PARALLEL,
+        "combinator": tuple(COMBINATORS),
+        "solver_method": tuple(SOLVER_METHODS),
+    }
+
+
+# One line per field for `mofast train --help`; the comments in TrainConfig say more.
+FIELD_HELP = {
+    "model": "policy (and frozen reference): local folder, hub id, .gguf file or a shipped "
+    "model's name; null: the shipped stories260K",
+    "tokenizer": "tokenizer if not the model's",
+    "device": "auto, cpu, cuda or cuda:N",
+    "threads": "CPU threads for torch",
+    "dtype": "the model's compute dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+    "attn_implementation": "attention kernel (auto: Flash Attention 2 where installed, else SDPA)",
+    "liger": "Liger-Kernel's layer kernels on CUDA",
+    "gradient_checkpointing": "recompute activations in the backward",
+    "parallel": "under torchrun: ddp or fsdp (FSDP2)",
+    "data_mode": "pairs: one preference dataset per objective; ultrafeedback: one objective "
+    "per aspect of `dataset`; cdpo: one objective on the summed aspects",
+    "objectives": "pairs mode: {name: file or hub dataset}; null: the embedded default",
+    "dataset": "ultrafeedback / cdpo mode: UltraFeedback-schema file or hub dataset",
+    "max_length": "tokens per row (prompt cut from the left first)",
+    "max_pairs": "use the first N pairs of each objective",
+    "test_fraction": "share of prompts held out (ultrafeedback / cdpo)",
+    "split_seed": "seed of the split by prompt",
+    "combinator": "how the objectives' gradients are mixed",
+    "beta": "DPO beta",
+    "eta": "groupdro step size",
+    "solver_method": "min-norm solver of the mgda family",
+    "solver_max_iters": "Frank-Wolfe iterations",
+    "solver_tol": "Frank-Wolfe tolerance",
+    "eps": "guard for zero losses or gradient norms",
+    "lr": "AdamW learning rate (peak of the cosine schedule)",
+    "warmup_ratio": "share of the steps in linear warm-up",
+    "epochs": "passes over the largest objective's pairs",
+    "max_steps": "optimiser steps, in place of epochs",
+    "micro_batch": "pairs per objective and micro-batch (per rank under torchrun)",
+    "grad_accum": "micro-batches per optimiser step",
+    "grad_dtype": "dtype of the [k, P] gradient buffer (float32 keeps float32 weights)",
+    "seed": "sampling seed",
+    "reference": "reference log-probs: precomputed and cached, online, or auto",
+    "cache_dir": "tokenised pairs and reference log-probs",
+    "output_dir": "run folder (default runs/<time>-<combinator>)",
+    "log_every": "steps between metric flushes (the one host synchronisation)",
+    "save_every": "steps between checkpoints (0: the last step only)",
+    "keep_checkpoints": "newest checkpoints kept",
+    "save_model": "write the final model",
+    "plots": "write plots at the end",
+    "tensorboard": "write TensorBoard scalars",
+}
+
+
 def add_field_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--field-name VALUE` flag per field; a value is read as YAML (null, true, 1e-7)."""
     group = parser.add_argument_group("config fields (override the YAML file)")
+    choices = field_choices()
     for field in dataclasses.fields(TrainConfig):
-        default = field.default
+        allowed = f"; one of {', '.join(choices[field.name])}" if field.name in choices else ""
         group.add_argument(
             flag_of(field.name),
             dest=field.name,
             metavar="VALUE",
             default=argparse.SUPPRESS,
-            help=f"(recipe default {default!r})",
+            help=f"{FIELD_HELP[field.name]}{allowed} (recipe default {field.default!r})",
         )
 
 
