@@ -153,7 +153,8 @@ class GroupDRO(Combinator):
 
     def _weights(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         if self._log_weights.device != losses.device:
-            self._log_weights = self._log_weights.to(losses.device)
+            # Once, on the first call: non_blocking, so the move does not wait for the GPU.
+            self._log_weights = self._log_weights.to(losses.device, non_blocking=True)
 
         updated = torch.log_softmax(self._log_weights + self.eta * losses, dim=0)
 
