@@ -43,7 +43,13 @@ from pathlib import Path
 
 import yaml
 
-from mofast.assets import DEFAULT_EVAL, STORIES260K, shipped_models
+from mofast.assets import (
+    DEFAULT_EVAL,
+    STORIES260K,
+    find_local_model,
+    shadow_hint,
+    shipped_models,
+)
 from mofast.judges import (
     MAX_COMPLETION_TOKENS,
     QUESTIONS,
@@ -230,30 +236,20 @@ class ModelEntry:
 FINAL_MODEL_DIRS = ("model", "final")
 
 
-def _shadowed(name: str) -> str:
-    """A hint when a local folder that holds no model has a shipped model's name."""
-    shipped = shipped_models().get(name)
-    if shipped is None:
-        return ""
-    return f" (the local folder shadows the shipped model {name}; give its path: {shipped})"
-
-
 def locate_model(name_or_path: str, option: str) -> str:
     """A local path as given, a shipped model's folder for its name, or a checked hub id.
 
     Done before anything is generated, so a model that cannot be loaded stops the run at
     once with an error naming `option` (the command-line option that gave it).
     """
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
-    shipped = shipped_models()
-    if name_or_path in shipped:
-        return str(shipped[name_or_path])
+    local = find_local_model(name_or_path)
+    if local is not None:
+        return str(local)
 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-    names = ", ".join(shipped)
+    names = ", ".join(shipped_models())
     try:
         # The config is what loading reads first; fetching it now costs one small file.
         hf_hub_download(name_or_path, "config.json")
@@ -294,7 +290,7 @@ def resolve_model(name_or_path: str, option: str = "--model") -> tuple[str, str 
         return str(path), str(path) if _run_configs(path) else None
     tried = ", ".join(str(path / sub) for sub in FINAL_MODEL_DIRS)
     raise ValueError(
-        f"{path} holds no model: no config.json there or in {tried}{_shadowed(name_or_path)}"
+        f"{path} holds no model: no config.json there or in {tried}{shadow_hint(name_or_path)}"
     )
 
 
@@ -780,7 +776,7 @@ def build_judge(args: argparse.Namespace):
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
         raise ValueError(
             f"--judge-model {args.judge_model}: {model} holds no config.json"
-            f"{_shadowed(args.judge_model)}"
+            f"{shadow_hint(args.judge_model)}"
         )
     return LocalJudge(
         model,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mofast import checkpoint, distributed, dpo
-from mofast.assets import STORIES260K, shipped_models
+from mofast.assets import STORIES260K, find_local_model, shadow_hint, shipped_models
 from mofast.config import TrainConfig, dump_yaml
 from mofast.kernels import combine, gram
 
@@ -169,16 +169,12 @@ def model_location(source: str | None) -> tuple[str, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
-    shipped = shipped_models()
-    if path.exists():
-        if source in shipped and path.is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{source} holds no model (no config.json): the local folder shadows the "
-                f"shipped model {source}; give its path: {shipped[source]}"
-            )
-        return str(path), {}
-    if source in shipped:
-        return str(shipped[source]), {}
+    local = find_local_model(source)
+    if local is not None:
+        hint = shadow_hint(source)
+        if hint and local.is_dir() and not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{source} holds no model (no config.json){hint}")
+        return str(local), {}
 
     # A hub id is "name" or "namespace/name"; anything else was meant as a path (transformers
     # would report it as a malformed hub id, deep in a traceback). A namespace that is also a
@@ -187,7 +183,7 @@ def model_location(source: str | None) -> tuple[str, dict]:
     if source.startswith(("/", ".", "~")) or source.count("/") > 1:
         raise FileNotFoundError(
             f"no model folder at {source} (expected a local folder, a .gguf file, a shipped "
-            f"model ({', '.join(shipped)}) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+            f"model ({', '.join(shipped_models())}) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
         )
     return source, {}
 

@@ -21,3 +21,18 @@ DEFAULT_EVAL = ULTRAFEEDBACK / "overall_score_eval.jsonl.gz"
 def shipped_models() -> dict[str, Path]:
     """The models shipped here, by folder name (`stories260K`): what `--model NAME` finds."""
     return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / "config.json").is_file()}
+
+
+def find_local_model(name: str) -> Path | None:
+    """`name` as a local path (`~` expanded) where it exists, else the shipped model of that
+    name, else None (a hub id, or nothing at all)."""
+    path = Path(name).expanduser()
+    return path if path.exists() else shipped_models().get(name)
+
+
+def shadow_hint(name: str) -> str:
+    """A hint for a local folder that holds no model but has a shipped model's name."""
+    shipped = shipped_models().get(name)
+    if shipped is None:
+        return ""
+    return f" (the local folder shadows the shipped model {name}; give its path: {shipped})"
