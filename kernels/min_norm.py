@@ -286,8 +286,9 @@ def _min_norm_kernel(
     scale = tl.maximum(tl.max(tl.sum(tl.where(on_diag, g, 0.0), axis=1)), 0.0)
     positive = scale > 0.0
     safe_scale = tl.where(positive, tl.maximum(scale, tl.max(tl.max(tl.abs(g), axis=1))), 1.0)
-    inv = 1.0 / safe_scale
-    g = tl.where(inv < float("inf"), g * inv, g / safe_scale)
+    # A division, not a product with the reciprocal: rounded once, it keeps entries that
+    # differ by one unit apart (a = d = b + 1 ulp stays a symmetric problem).
+    g = g / safe_scale
     diag = tl.sum(tl.where(on_diag, g, 0.0), axis=1)  # [BLOCK_K]
 
     # Best pair (i < j): closed form for every pair at once, first minimum in row-major

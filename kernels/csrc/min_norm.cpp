@@ -106,13 +106,10 @@ double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
     }
   }
 
-  // Multiplying by the reciprocal is as scale invariant as dividing (a power-of-two scale
-  // cancels exactly) except when the reciprocal overflows, for a subnormal divisor.
-  const double inv = 1.0 / divisor;
-  const bool use_inv = std::isfinite(inv);
-  for (int64_t i = 0; i < k * k; ++i) {
-    ws.g[i] = use_inv ? ws.g[i] * inv : ws.g[i] / divisor;
-  }
+  // A division, not a product with the reciprocal: rounded once, it keeps entries that
+  // differ by one unit apart (a = d = b + 1 ulp stays a symmetric problem, whose weights
+  // are 1/2 each), and a subnormal divisor needs no special case.
+  for (int64_t i = 0; i < k * k; ++i) ws.g[i] /= divisor;
   return scale;
 }
 
