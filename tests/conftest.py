@@ -2,15 +2,24 @@
 
 TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test
 module imports mofast.kernels.
+
+The property tests (hypothesis) draw the same examples on every run, so a CI result can be
+reproduced; HYPOTHESIS_PROFILE=explore draws fresh ones (add --hypothesis-seed=N to
+replay a run).
 """
 
 import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 
