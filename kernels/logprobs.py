@@ -245,7 +245,10 @@ def _logprobs_fwd_kernel(
         # Padded lanes leave the sum only after the soft cap, which would make them finite.
         z = tl.where(col_ok[None, :], z, float("-inf"))  # [BLOCK_M, BLOCK_V]
 
+        # The shift stays 0 while every logit so far is -inf (a vocabulary masked by a -inf
+        # bias), where -inf - -inf would make the sum NaN.
         m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
 
@@ -766,12 +769,15 @@ def _forward_torch(
             picked = z.gather(1, col[t0:t1]).squeeze(1)
             target[t0:t1] = torch.where(in_chunk[t0:t1], picked, target[t0:t1])
             new_top = torch.maximum(top[t0:t1], z.amax(dim=1))
-            total[t0:t1] *= (top[t0:t1] - new_top).exp_()
+            # A shift of 0 while every logit so far is -inf (a vocabulary masked by a -inf
+            # bias), where -inf - -inf would make the sum NaN.
+            shift = new_top.nan_to_num(neginf=0.0)
+            total[t0:t1] *= (top[t0:t1] - shift).exp_()
             # In place: the chunk is dead once its sum is known.
-            total[t0:t1] += z.sub_(new_top.unsqueeze(1)).exp_().sum(dim=1)
+            total[t0:t1] += z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1)
             top[t0:t1] = new_top
 
-    lse = total.log_().add_(top)
+    lse = total.log_().add_(top.nan_to_num(neginf=0.0))
     per_token = torch.zeros(labels.shape, dtype=torch.float32)
     per_token[counted] = target - lse
     return per_token.sum(dim=1), lse

@@ -7,6 +7,7 @@ Gradient errors are normwise, max |g - r| / max |r|, so near-zero entries do not
 measure meaningless; log-probabilities are compared row by row.
 """
 
+import dataclasses
 import gzip
 import json
 
@@ -326,6 +327,28 @@ def test_strided_inputs_and_frozen_head(backend, tiling):
     lp, grad_h = _grads(fn, hidden, weight, None, grad_lp)
     ref_lp, ref_h, _ = _reference(hidden, weight, labels, None, None, grad_lp)
     _check_fp32([lp, grad_h], [ref_lp, ref_h])
+
+
+@pytest.mark.parametrize("backend, tiling", PATHS)
+def test_leading_vocabulary_masked_by_minus_infinity(backend, tiling):
+    # A -inf bias over the first ranges of the vocabulary (tokens a model must never emit):
+    # whole chunks and tiles have no finite logit, which must not turn the sum into NaN.
+    N, T, H, V, masked = 3, 9, 16, 300, 150
+    hidden, weight, labels, b = _make(N, T, H, V, bias=True)
+    with torch.no_grad():
+        b[:masked] = float("-inf")
+    labels[labels != IGNORE] = labels[labels != IGNORE] % (V - masked) + masked
+    tiling = dataclasses.replace(tiling, vocab_chunk=64)
+    grad_lp = torch.randn(N)
+    fn = lambda: _sequence_logprobs(hidden, weight, labels, b, backend=backend, tiling=tiling)
+    lp, grad_h, grad_w, grad_b = _grads(fn, hidden, weight, b, grad_lp)
+    _check_fp32([lp, grad_h, grad_w], _reference(hidden, weight, labels, b, None, grad_lp)[:3])
+    assert torch.equal(grad_b[:masked], torch.zeros(masked))
+
+    # A label on a masked token has probability 0: its row is -inf, not NaN.
+    labels[1, -1] = 0
+    lp = _sequence_logprobs(hidden, weight, labels, b, backend=backend, tiling=tiling)
+    assert lp[1].item() == float("-inf") and torch.isfinite(lp[[0, 2]]).all()
 
 
 class _LargestTensor(TorchDispatchMode):
