@@ -280,8 +280,9 @@ def _min_norm_kernel(
 
     # Symmetrise, then divide by the largest diagonal entry (scale invariance), or by a
     # larger entry off it: that only happens for an indefinite G, whose quotients would
-    # otherwise overflow to inf and leave weights off the simplex.
-    g = 0.5 * g + 0.5 * g_t
+    # otherwise overflow to inf and leave weights off the simplex. A symmetric pair is taken
+    # as it is: halving a subnormal rounds it.
+    g = tl.where(g == g_t, g, 0.5 * g + 0.5 * g_t)
     on_diag = rows == cols
     scale = tl.maximum(tl.max(tl.sum(tl.where(on_diag, g, 0.0), axis=1)), 0.0)
     positive = scale > 0.0

@@ -93,14 +93,16 @@ double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
   for (int64_t i = 0; i < k; ++i) scale = std::max(scale, static_cast<double>(src[i * k + i]));
   if (!(scale > 0.0)) return scale;
 
-  // Halving first keeps the sum finite for entries near the largest double. The divisor is
-  // the largest diagonal entry, or a larger entry off it: that only happens for an
-  // indefinite G, whose quotients would otherwise overflow to inf.
+  // Halving first keeps the sum finite for entries near the largest double; a symmetric
+  // pair is taken as it is, as halving a subnormal rounds it. The divisor is the largest
+  // diagonal entry, or a larger entry off it: that only happens for an indefinite G, whose
+  // quotients would otherwise overflow to inf.
   double divisor = scale;
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < k; ++j) {
-      const double sym = 0.5 * static_cast<double>(src[i * k + j]) +
-                         0.5 * static_cast<double>(src[j * k + i]);
+      const double x = static_cast<double>(src[i * k + j]);
+      const double y = static_cast<double>(src[j * k + i]);
+      const double sym = x == y ? x : 0.5 * x + 0.5 * y;
       ws.g[i * k + j] = sym;
       divisor = std::max(divisor, std::abs(sym));
     }
