@@ -7,6 +7,7 @@ one file and still be told apart.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -179,3 +180,13 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(
         "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in table
     )
+
+
+def bench_parser(doc: str, repeats_help: str | None = None) -> argparse.ArgumentParser:
+    """A parser with what every benchmark takes: --device (CUDA when there is one), --repeats
+    (None: the benchmark's own default) and --no-csv. `doc`'s first line describes it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help=repeats_help)
+    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
+    return parser

@@ -15,14 +15,13 @@ ratios are printed last.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, device_description, format_table, measure  # noqa: E402
+from _common import append_rows, bench_parser, device_description, format_table, measure  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -102,8 +101,7 @@ def bench_one(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--P", type=int, default=None, help="columns (default: 20,000,003 CPU, 50,000,000 GPU)"
     )
@@ -111,8 +109,6 @@ def main() -> int:
     parser.add_argument(
         "--dtypes", nargs="+", default=None, help="grads:out pairs, e.g. bf16:f32 (f32, bf16, f16)"
     )
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -28,7 +28,6 @@ bench/results/e2e.csv with the 1-minute load average.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, device_description, format_table  # noqa: E402
+from _common import append_rows, bench_parser, device_description, format_table  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "qwen2-tokenizer"
 COMBINATORS = ("uniform", "groupdro", "mgda", "mgda-normalised", "mgda-decoupled")
@@ -238,15 +237,12 @@ def check_combine_steps(trainer, combinators: dict, losses: torch.Tensor) -> dic
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__, "timed steps per combinator (3)")
     parser.add_argument("--quick", action="store_true", help="1 layer, 32 tokens, 1 round")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 2)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per row (128)")
     parser.add_argument("--pairs", type=int, default=1, help="pairs per objective and step")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per combinator (3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     layers = args.layers or (1 if args.quick else 2)

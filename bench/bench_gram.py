@@ -15,14 +15,13 @@ the ratios are printed last.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, device_description, format_table, measure  # noqa: E402
+from _common import append_rows, bench_parser, device_description, format_table, measure  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Columns per step of the float64 reference, to bound its memory.
@@ -109,15 +108,12 @@ def bench_one(k: int, P: int, dtype: torch.dtype, device: torch.device, repeats:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--P", type=int, default=None, help="columns (default: 20,000,003 CPU, 50,000,000 GPU)"
     )
     parser.add_argument("--k", type=int, nargs="+", default=None)
     parser.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES))
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     device = torch.device(args.device)

@@ -26,7 +26,6 @@ matrix) and reported as a relative gap. Rows go to bench/results/scaling.csv; th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from functools import partial
@@ -34,7 +33,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, device_description, format_table, measure  # noqa: E402
+from _common import append_rows, bench_parser, device_description, format_table, measure  # noqa: E402
 
 # Columns per step of the float64 references, to bound their memory.
 REF_CHUNK = 1 << 22
@@ -196,14 +195,11 @@ def bench_one(k: int, P: int, device: torch.device, repeats: int, seed: int) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__, "timed rounds (default 5)")
     parser.add_argument("--quick", action="store_true", help="P = 1,000,003 and one round")
     parser.add_argument("--P", type=int, default=None, help="parameters (10M CPU, 166M GPU)")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     device = torch.device(args.device)

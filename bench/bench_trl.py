@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, device_description, format_table  # noqa: E402
+from _common import append_rows, bench_parser, device_description, format_table  # noqa: E402
 from bench_e2e import (  # noqa: E402
     TOKENIZER_DIR,
     make_trainer,
@@ -305,14 +305,11 @@ def compare(mofast: dict, trl: dict) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__, "timed steps (default 2)")
     parser.add_argument("--quick", action="store_true", help="1 layer, 2 pairs x 64 tokens")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 2)")
     parser.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 4)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per row (256)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 2)")
-    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     parser.add_argument("--worker", choices=("mofast", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
