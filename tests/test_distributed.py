@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_config
 from sync_guard import forbid_host_sync
 
 from mofast import checkpoint, distributed
-from mofast.config import from_dict
 from mofast.trainer import Trainer
 
 WORLD = 2
@@ -29,27 +29,9 @@ MODES = ("fsdp", "ddp")
 
 
 def _config(cache_dir, output_dir, **overrides):
-    values = dict(
-        max_pairs=12,
-        max_length=32,
-        micro_batch=2,
-        grad_accum=2,
-        lr=1e-3,
-        warmup_ratio=0.0,
-        max_steps=STEPS,
-        epochs=2,
-        combinator="mgda-decoupled",
-        reference="precompute",
-        cache_dir=str(cache_dir),
-        output_dir=str(output_dir),
-        threads=1,
-        log_every=1,
-        plots=False,
-        save_model=False,
-        tensorboard=False,
-    )
-    values.update(overrides)
-    return from_dict(values)
+    values = dict(max_length=32, micro_batch=2, max_steps=STEPS, epochs=2, threads=1)
+    values.update(combinator="mgda-decoupled", output_dir=str(output_dir))
+    return tiny_config(cache_dir, **{**values, **overrides})
 
 
 def _fit_recording(trainer: Trainer) -> list[torch.Tensor]:

@@ -11,14 +11,7 @@ import torch
 from mofast import dpo
 from mofast.assets import STORIES260K
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny shapes: a second thread only adds waiting (10x slower on a loaded machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

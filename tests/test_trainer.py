@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from sync_guard import forbid_host_sync
 
 from mofast import config as config_module
@@ -31,14 +32,7 @@ from mofast.trainer import (
 LN2 = math.log(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The shapes here are tiny: a second thread only adds waiting, and on a loaded machine
-    # OpenMP's barriers made a step 10x slower (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +40,9 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def tiny(cache_dir, **overrides) -> TrainConfig:
-    values = dict(
-        max_pairs=12,
-        max_length=48,
-        micro_batch=4,
-        grad_accum=2,
-        lr=1e-3,
-        warmup_ratio=0.0,
-        reference="precompute",
-        cache_dir=str(cache_dir),
-        log_every=1,
-        plots=False,
-        save_model=False,
-        tensorboard=False,
-    )
-    values.update(overrides)
-    return from_dict(values)
-
-
 @pytest.fixture(scope="module")
 def trainer(cache_dir, tmp_path_factory):
-    return Trainer(tiny(cache_dir), tmp_path_factory.mktemp("run"))
+    return Trainer(tiny_config(cache_dir), tmp_path_factory.mktemp("run"))
 
 
 def _window(trainer, sizes):
@@ -95,7 +70,7 @@ def test_step_zero_loss_is_ln2_with_precomputed_and_online_reference(trainer, ca
     losses = stats[:, 0].double()
     assert torch.all((losses - LN2).abs() < 1e-6), losses
 
-    online = Trainer(tiny(cache_dir, reference="online"), tmp_path / "online")
+    online = Trainer(tiny_config(cache_dir, reference="online"), tmp_path / "online")
     assert online.reference_model is not None and not online.reference_table
     stats = online.accumulate_gradients(online.prepare(online.sampler.window(0, 0)))
     assert torch.all((stats[:, 0].double() - LN2).abs() < 1e-6), stats[:, 0]
@@ -123,7 +98,7 @@ def test_a_bfloat16_model_keeps_float32_weights_under_autocast(trainer, cache_di
     # An AdamW step of lr 1e-7 is far below half the bfloat16 spacing near a weight (~6e-5
     # at 0.02): bfloat16 weights rounded every update of the recipe away. With float32
     # gradient buffers the weights stay float32 and the forward runs under bf16 autocast.
-    mixed = Trainer(tiny(cache_dir, dtype="bfloat16", lr=1e-7), tmp_path / "mixed")
+    mixed = Trainer(tiny_config(cache_dir, dtype="bfloat16", lr=1e-7), tmp_path / "mixed")
     assert (mixed.backend.dtype, mixed.backend.autocast) == (torch.float32, torch.bfloat16)
     assert {p.dtype for p in mixed.model.parameters()} == {torch.float32}
     assert not mixed.buffers.uses_hooks
@@ -238,8 +213,8 @@ def test_a_non_finite_gradient_with_finite_losses_skips_the_update(trainer):
 
 
 def test_bfloat16_buffers_accumulate_through_hooks(cache_dir, tmp_path):
-    fp32 = Trainer(tiny(cache_dir), tmp_path / "fp32")
-    bf16 = Trainer(tiny(cache_dir, grad_dtype="bfloat16"), tmp_path / "bf16")
+    fp32 = Trainer(tiny_config(cache_dir), tmp_path / "fp32")
+    bf16 = Trainer(tiny_config(cache_dir, grad_dtype="bfloat16"), tmp_path / "bf16")
     assert bf16.buffers.uses_hooks and bf16.buffers.rows.dtype == torch.bfloat16
     assert bf16.buffers.flat.dtype == torch.float32
 
@@ -405,7 +380,7 @@ def test_bad_input_leaves_no_run_folder(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        Trainer(tiny(cache_dir, objectives={"a": str(missing)}), run_dir)
+        Trainer(tiny_config(cache_dir, objectives={"a": str(missing)}), run_dir)
     assert not run_dir.exists()
 
 
@@ -415,31 +390,31 @@ def test_bad_input_leaves_no_run_folder(cache_dir, tmp_path):
 
 def test_reference_log_probs_are_cached_and_reused(tmp_path):
     cache = tmp_path / "fresh-cache"
-    first = Trainer(tiny(cache, max_pairs=6), tmp_path / "a")
+    first = Trainer(tiny_config(cache, max_pairs=6), tmp_path / "a")
     assert first.reference_forwards > 0
-    second = Trainer(tiny(cache, max_pairs=6), tmp_path / "b")
+    second = Trainer(tiny_config(cache, max_pairs=6), tmp_path / "b")
     assert second.reference_forwards == 0
     for name in first.names:
         assert torch.equal(first.reference_table[name], second.reference_table[name])
 
-    other_data = Trainer(tiny(cache, max_pairs=5), tmp_path / "c")
+    other_data = Trainer(tiny_config(cache, max_pairs=5), tmp_path / "c")
     assert other_data.reference_forwards > 0, "other tokenised data is another cache entry"
     # Another attention implementation gives other rounding: a table from one would move
     # the step-0 losses of the other off ln 2.
-    eager = Trainer(tiny(cache, max_pairs=6, attn_implementation="eager"), tmp_path / "d")
+    eager = Trainer(tiny_config(cache, max_pairs=6, attn_implementation="eager"), tmp_path / "d")
     assert eager.reference_forwards > 0, "another attention implementation, another entry"
 
 
 def test_auto_reference_uses_the_cache_or_the_cheaper_way(trainer, cache_dir, tmp_path):
     short = dict(reference="auto", max_steps=1, micro_batch=2, grad_accum=1)
     # The module's cache holds this data's tables: loaded, no forward pass.
-    cached = Trainer(tiny(cache_dir, **short), tmp_path / "cached")
+    cached = Trainer(tiny_config(cache_dir, **short), tmp_path / "cached")
     assert cached.reference_mode == "precompute" and cached.reference_forwards == 0
     for name in trainer.names:
         assert torch.equal(cached.reference_table[name], trainer.reference_table[name])
 
     # No cache, and one step reads 4 pairs of 24: a frozen copy computes them online.
-    fresh = Trainer(tiny(tmp_path / "empty-cache", **short), tmp_path / "fresh")
+    fresh = Trainer(tiny_config(tmp_path / "empty-cache", **short), tmp_path / "fresh")
     assert fresh.reference_mode == "online" and fresh.reference_model is not None
     assert fresh.reference_forwards == 0 and not fresh.reference_table
 
@@ -461,7 +436,7 @@ def _ultrafeedback_record(prompt, ratings, texts):
 def test_a_bad_ultrafeedback_record_is_named_with_its_file(tmp_path, cache_dir):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"instruction": "Q?", "completions": ["a", "b"]}) + "\n")
-    config = tiny(cache_dir, data_mode="cdpo", dataset=str(path))
+    config = tiny_config(cache_dir, data_mode="cdpo", dataset=str(path))
     with pytest.raises(ValueError, match=r"bad\.jsonl: record 0: 'completions' must be"):
         build_objectives(config, tokenizer=None)
 
@@ -478,7 +453,7 @@ def test_cdpo_mode_trains_one_objective_on_summed_scores(tmp_path, cache_dir):
     path = tmp_path / "uf.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    config = tiny(
+    config = tiny_config(
         cache_dir, data_mode="cdpo", dataset=str(path), max_pairs=None, max_steps=2,
         test_fraction=0.25, micro_batch=2, grad_accum=2,
     )  # fmt: skip
@@ -502,7 +477,7 @@ def test_ultrafeedback_mode_builds_one_objective_per_aspect(tmp_path, cache_dir)
     path = tmp_path / "uf.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    config = tiny(cache_dir, data_mode="ultrafeedback", dataset=str(path), max_pairs=None,
+    config = tiny_config(cache_dir, data_mode="ultrafeedback", dataset=str(path), max_pairs=None,
                   test_fraction=0.25)  # fmt: skip
     datasets, drops = build_objectives(config, AutoTokenizer.from_pretrained(STORIES260K))
     assert list(datasets) == ["helpfulness", "honesty", "instruction_following", "truthfulness"]
@@ -582,7 +557,7 @@ def test_fit_writes_metrics_plots_tensorboard_and_the_final_model(tmp_path, cach
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    config = tiny(cache_dir, combinator="groupdro", epochs=2, max_steps=3, plots=True,
+    config = tiny_config(cache_dir, combinator="groupdro", epochs=2, max_steps=3, plots=True,
                   save_model=True, tensorboard=True)  # fmt: skip
     trainer = Trainer(config, run)
     trainer.fit()
@@ -668,7 +643,7 @@ def test_sigkill_and_resume_end_with_the_weights_of_an_uninterrupted_run(tmp_pat
 
 def test_max_steps_replaces_the_epochs(cache_dir, tmp_path):
     # It only capped them: --max-steps 100 on a 72-step config ran 72 steps without a word.
-    trainer = Trainer(tiny(cache_dir, epochs=1, max_steps=5, log_every=5), tmp_path / "run")
+    trainer = Trainer(tiny_config(cache_dir, epochs=1, max_steps=5, log_every=5), tmp_path / "run")
     assert trainer.sampler.steps_per_epoch == 2 and trainer.total_steps == 5
     trainer.fit()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -681,11 +656,11 @@ def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
     # leaves a cut last line; it belongs to steps after the checkpoint and must not stop
     # the resume.
     run_dir = tmp_path / "run"
-    Trainer(tiny(cache_dir, max_steps=1), run_dir).fit()
+    Trainer(tiny_config(cache_dir, max_steps=1), run_dir).fit()
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "losses": {"overall_sc')
 
-    resumed = Trainer(tiny(cache_dir, max_steps=2), run_dir, resume=True)
+    resumed = Trainer(tiny_config(cache_dir, max_steps=2), run_dir, resume=True)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert resumed.step == 1 and [json.loads(line)["step"] for line in lines] == [1]
 
@@ -703,7 +678,7 @@ def test_a_skipped_step_before_a_checkpoint_resumes_exactly_on_its_schedule(
         return stats.index_fill(1, torch.tensor([0]), math.nan) if self.step == 1 else stats
 
     monkeypatch.setattr(Trainer, "accumulate_gradients", nan_at_step_2)
-    config = tiny(cache_dir, micro_batch=2, epochs=2, warmup_ratio=0.2, save_every=3)
+    config = tiny_config(cache_dir, micro_batch=2, epochs=2, warmup_ratio=0.2, save_every=3)
     full = Trainer(config, tmp_path / "full")
     full.fit()
     stopped = Trainer(config, tmp_path / "stopped")
@@ -735,14 +710,14 @@ def test_a_checkpoint_without_the_update_count_is_refused_by_name(cache_dir, tmp
     # A checkpoint from before the lr schedule counted applied updates holds a LambdaLR
     # state instead: resuming it ended in a bare KeyError traceback.
     run_dir = tmp_path / "run"
-    Trainer(tiny(cache_dir, max_steps=1), run_dir).fit()
+    Trainer(tiny_config(cache_dir, max_steps=1), run_dir).fit()
     state_file = run_dir / "checkpoints" / "step-00000001" / "state.pt"
     state = torch.load(state_file, weights_only=True)
     state["scheduler"] = {"last_epoch": int(state.pop("updates"))}
     torch.save(state, state_file)
 
     with pytest.raises(ValueError, match=r"step-00000001 lacks updates: another version"):
-        Trainer(tiny(cache_dir, max_steps=2), run_dir, resume=True)
+        Trainer(tiny_config(cache_dir, max_steps=2), run_dir, resume=True)
 
 
 def test_resume_keeps_the_checkpointed_steps_tensorboard_scalars(cache_dir, tmp_path):
@@ -751,8 +726,10 @@ def test_resume_keeps_the_checkpointed_steps_tensorboard_scalars(cache_dir, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    Trainer(tiny(cache_dir, max_steps=2, epochs=4, tensorboard=True), run_dir).fit()
-    Trainer(tiny(cache_dir, max_steps=3, epochs=4, tensorboard=True), run_dir, resume=True).fit()
+    Trainer(tiny_config(cache_dir, max_steps=2, epochs=4, tensorboard=True), run_dir).fit()
+    Trainer(
+        tiny_config(cache_dir, max_steps=3, epochs=4, tensorboard=True), run_dir, resume=True
+    ).fit()
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()

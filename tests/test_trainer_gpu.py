@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import requires_cuda, tiny_config
 
 if importlib.util.find_spec("datasets") is None:
     pytest.skip("bench/fetch_wheels.sh brings datasets to a GPU machine", allow_module_level=True)
 
-from mofast.config import TrainConfig  # noqa: E402
 from mofast.trainer import Trainer  # noqa: E402
 
 LN2 = math.log(2)
@@ -22,21 +21,7 @@ LN2 = math.log(2)
 
 @requires_cuda
 def test_a_cuda_step_keeps_float32_weights_updates_and_never_syncs(tmp_path):
-    config = TrainConfig(
-        device="cuda",
-        max_pairs=24,
-        max_length=64,
-        micro_batch=4,
-        grad_accum=2,
-        lr=1e-4,
-        warmup_ratio=0.0,
-        reference="precompute",
-        cache_dir=str(tmp_path / "cache"),
-        log_every=1,
-        plots=False,
-        save_model=False,
-        tensorboard=False,
-    )
+    config = tiny_config(tmp_path / "cache", device="cuda", max_pairs=24, max_length=64, lr=1e-4)
     trainer = Trainer(config, tmp_path / "run")
     assert (trainer.backend.dtype, trainer.backend.autocast) == (torch.float32, torch.bfloat16)
     assert trainer.lr.is_cuda and trainer.buffers.rows.is_cuda
