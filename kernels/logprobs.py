@@ -1017,7 +1017,9 @@ def sequence_logprobs(
     hidden: [N, T, H] final hidden states (after the final norm); weight: [V, H], the LM
     head; labels: [N, T] integers aligned with hidden (labels[n, t] is the token predicted
     from hidden[n, t]; the caller shifts), ignore_index where a token is not counted;
-    bias: optional [V]; softcap: None or c, meaning logits -> c * tanh(logits / c).
+    bias: optional [V], may hold -inf for tokens never to be emitted (a label on one gives
+    its row -inf; the soft cap maps -inf to -c); softcap: None or c, meaning
+    logits -> c * tanh(logits / c).
 
     Returns float32 [N]; a row with no counted token gives 0. Differentiable with respect
     to hidden, weight and bias, and never holds more than a chunk of the logits. CUDA
