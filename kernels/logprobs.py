@@ -245,11 +245,12 @@ def _logprobs_fwd_kernel(
         # Padded lanes leave the sum only after the soft cap, which would make them finite.
         z = tl.where(col_ok[None, :], z, float("-inf"))  # [BLOCK_M, BLOCK_V]
 
-        # The shift stays 0 while every logit so far is -inf (a vocabulary masked by a -inf
-        # bias), where -inf - -inf would make the sum NaN.
+        # The exponents are shifted by 0 while every logit so far is -inf (a vocabulary
+        # masked by a -inf bias), where -inf - -inf would make the sum NaN; the running
+        # maximum itself stays -inf, or logits far below 0 that follow would underflow.
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         m = m_new
 
         hit = (cols[None, :] == y[:, None]) & col_ok[None, :]  # [BLOCK_M, BLOCK_V]
@@ -257,7 +258,7 @@ def _logprobs_fwd_kernel(
         found += tl.sum(hit.to(tl.int32), axis=1)
 
     lse_row = lse_part_ptr + pid_s.to(tl.int64) * slots  # [slots] of this split
-    tl.store(lse_row + pos, m + tl.log(s), mask=row_ok)
+    tl.store(lse_row + pos, tl.where(m == float("-inf"), 0.0, m) + tl.log(s), mask=row_ok)
     tl.store(target_ptr + pos, target, mask=row_ok & (found > 0))
 
 
@@ -770,14 +771,14 @@ def _forward_torch(
             target[t0:t1] = torch.where(in_chunk[t0:t1], picked, target[t0:t1])
             new_top = torch.maximum(top[t0:t1], z.amax(dim=1))
             # A shift of 0 while every logit so far is -inf (a vocabulary masked by a -inf
-            # bias), where -inf - -inf would make the sum NaN.
-            shift = new_top.nan_to_num(neginf=0.0)
+            # bias), where -inf - -inf would make the sum NaN. (A +inf logit still gives NaN.)
+            shift = torch.where(new_top == float("-inf"), 0.0, new_top)
             total[t0:t1] *= (top[t0:t1] - shift).exp_()
             # In place: the chunk is dead once its sum is known.
             total[t0:t1] += z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1)
             top[t0:t1] = new_top
 
-    lse = total.log_().add_(top.nan_to_num(neginf=0.0))
+    lse = total.log_().add_(torch.where(top == float("-inf"), 0.0, top))
     per_token = torch.zeros(labels.shape, dtype=torch.float32)
     per_token[counted] = target - lse
     return per_token.sum(dim=1), lse
