@@ -278,18 +278,17 @@ def _min_norm_kernel(
     g = tl.where(finite, g, 0.0)
     g_t = tl.where(finite, g_t, 0.0)
 
-    # Symmetrise, then divide by the largest diagonal entry (scale invariance), or by a
-    # larger entry off it: that only happens for an indefinite G, whose quotients would
-    # otherwise overflow to inf and leave weights off the simplex. A symmetric pair is taken
-    # as it is: halving a subnormal rounds it.
-    g = tl.where(g == g_t, g, 0.5 * g + 0.5 * g_t)
+    # Divide by the largest diagonal entry (scale invariance), or by a larger entry off it:
+    # that only happens for an indefinite G, whose quotients would otherwise overflow to inf
+    # and leave weights off the simplex. A division, not a product with the reciprocal:
+    # rounded once, it keeps entries that differ by one unit apart (a = d = b + 1 ulp stays
+    # a symmetric problem). Then symmetrise the quotients, which lie in [-1, 1]: no sum
+    # overflows, and a subnormal G's entries are no longer subnormal when halved.
     on_diag = rows == cols
     scale = tl.maximum(tl.max(tl.sum(tl.where(on_diag, g, 0.0), axis=1)), 0.0)
     positive = scale > 0.0
     safe_scale = tl.where(positive, tl.maximum(scale, tl.max(tl.max(tl.abs(g), axis=1))), 1.0)
-    # A division, not a product with the reciprocal: rounded once, it keeps entries that
-    # differ by one unit apart (a = d = b + 1 ulp stays a symmetric problem).
-    g = g / safe_scale
+    g = 0.5 * (g / safe_scale) + 0.5 * (g_t / safe_scale)
     diag = tl.sum(tl.where(on_diag, g, 0.0), axis=1)  # [BLOCK_K]
 
     # Best pair (i < j): closed form for every pair at once, first minimum in row-major

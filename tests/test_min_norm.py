@@ -427,13 +427,14 @@ def test_two_gradients_of_equal_norm_weigh_a_half_each(a, rho, path):
 def test_subnormal_grams_of_equal_norms_weigh_a_half_each(path):
     # Symmetrising by halves rounded these off-diagonal entries up to the diagonal's value
     # (1.5 of the smallest subnormal is 2 of them), which made the gradients one and gave
-    # [1, 0].
+    # [1, 0]. The last is asymmetric, with (G + G^T) / 2 = tiny [[4, 3.5], [3.5, 4]].
     tiny = math.ulp(0.0)
     normal = sys.float_info.min
     G = torch.tensor(
         [
             [[4 * tiny, 3 * tiny], [3 * tiny, 4 * tiny]],
             [[normal, normal - tiny], [normal - tiny, normal]],
+            [[4 * tiny, 3 * tiny], [4 * tiny, 4 * tiny]],
         ],
         dtype=torch.float64,
     )
