@@ -279,7 +279,9 @@ def resolve_model(name_or_path: str, option: str = "--model") -> tuple[str, str 
     if not path.exists():
         return located, None
     if not path.is_dir():
-        raise ValueError(f"model {path} is a file; give a model folder, a run folder or a hub id")
+        raise ValueError(
+            f"{option} {path} is a file; give a model folder, a run folder or a hub id"
+        )
     for sub in FINAL_MODEL_DIRS:
         if (path / sub / "config.json").is_file():
             return str(path / sub), str(path)
@@ -380,7 +382,13 @@ def plan_models(
                 "MODEL, label one --model as REFERENCE, or pass --no-reference"
             )
         reference = found.pop()
-        path, run_dir = resolve_model(reference, "the starting model named by the run config")
+        try:
+            path, run_dir = resolve_model(reference, "REFERENCE, the runs' starting model")
+        except ValueError as err:
+            raise ValueError(
+                f"{err}; pass --reference MODEL (e.g. a Hugging Face folder of the same model) "
+                "or --no-reference"
+            ) from None
     else:
         path, run_dir = resolve_model(reference, "--reference")
     return [ModelEntry(REFERENCE, path, run_dir), *entries]
@@ -938,9 +946,19 @@ def evaluate(args: argparse.Namespace) -> int:
         len(summary.failed),
     )
 
+    records = [cache.get(comparison.key) for _, _, comparison in plan]
+    cut = sum(1 for record in records if record and record.get("truncated"))
+    if cut:
+        logger.warning(
+            "judge: %d of %d prompts were longer than the judge's context and kept only their "
+            "end (`truncated` in verdicts.jsonl); a judge that cannot read the whole "
+            "comparison answers from what is left, often by position alone",
+            cut,
+            len(records),
+        )
+
     rows = []
-    for label, item, comparison in plan:
-        record = cache.get(comparison.key)
+    for (label, item, comparison), record in zip(plan, records, strict=True):
         rows.append(
             {
                 "model": label,

@@ -568,6 +568,18 @@ def test_run_folder_resolution(tmp_path):
     with pytest.raises(ValueError, match="holds no model"):
         evaluation.resolve_model(str(tmp_path))
 
+    # A run started from a .gguf file: REFERENCE cannot be loaded from it, and the error
+    # says which model that is and how to go on.
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    from_gguf = tmp_path / "from-gguf"
+    (from_gguf / "model").mkdir(parents=True)
+    (from_gguf / "model" / "config.json").write_text("{}")
+    (from_gguf / "config.yaml").write_text(f"model: {gguf}\n")
+    with pytest.raises(ValueError, match="REFERENCE.*is a file.*--reference.*--no-reference"):
+        evaluation.plan_models([str(from_gguf)])
+    assert len(evaluation.plan_models([str(from_gguf)], no_reference=True)) == 1
+
 
 def test_eval_help_names_the_folder_the_trainer_writes(tmp_path):
     parser = argparse.ArgumentParser()
@@ -615,12 +627,19 @@ def test_models_are_checked_before_generating_and_shipped_ones_found_by_name(
 
     # The README's command with the shipped judge by name works from anywhere.
     argv = ["eval", *model, "--model-name", "same", *local, "--judge-model", "stories260K"]
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="mofast.evaluation")
     assert cli_main([*argv, "--judge-device", "cpu", "--device", "cpu"]) == 0
     meta = json.loads((out / "eval.json").read_text())
     assert meta["judge"] == f"local:{STORIES260K}"
     assert [m["path"] for m in meta["models"]] == [str(STORIES260K)] * 2
     rows = read_jsonl(out / "results.jsonl")
     assert len(rows) == 2 and all(r["outcome"] in ("win", "tie", "loss") for r in rows)
+
+    # stories260K's 512-token context cannot hold a comparison: the log says so.
+    assert all(r["truncated"] for r in read_jsonl(out / "verdicts.jsonl"))
+    warned = [r.getMessage() for r in caplog.records if "judge's context" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("judge: 2 of 2 prompts were longer")
 
 
 def test_a_local_folder_that_shadows_a_shipped_model_says_so(tmp_path, monkeypatch):
