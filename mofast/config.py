@@ -124,8 +124,10 @@ class TrainConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr < 0 or self.beta <= 0:
-            raise ValueError(f"lr must be >= 0 and beta > 0, got lr={self.lr} beta={self.beta}")
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.objectives is not None and not self.objectives:
             raise ValueError("objectives must name at least one objective, or be null")
         if self.data_mode != "pairs" and not self.dataset:

@@ -1049,6 +1049,13 @@ class Trainer:
             self.sampler.micro_batch,
             config.lr,
         )
+        small = {n: s for n, s in self.sampler.sizes.items() if s < self.sampler.window_size}
+        if small:
+            logger.warning(
+                "%s: fewer pairs than a step draws (%d per objective), so a step repeats them",
+                ", ".join(f"{name} has {size}" for name, size in small.items()),
+                self.sampler.window_size,
+            )
         start_step = self.step
         if start_step >= self.total_steps:
             # A run killed after its last checkpoint may lack its plots or final model.

@@ -6,8 +6,10 @@ module-wide folder.
 """
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,6 +343,10 @@ def test_config_yaml_round_trip_and_command_line_overrides(tmp_path):
         from_dict({"max_steps": "many"})
     with pytest.raises(ValueError, match="lr expects a number, got 'abc'"):
         from_dict({"lr": "abc"})
+    with pytest.raises(ValueError, match=r"^lr must be >= 0, got -1.0$"):
+        from_dict({"lr": -1})
+    with pytest.raises(ValueError, match=r"^beta must be > 0, got 0.0$"):
+        from_dict({"beta": 0.0})
 
 
 def test_config_refuses_empty_or_non_text_objectives():
@@ -649,6 +655,22 @@ def test_max_steps_replaces_the_epochs(cache_dir, tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
     assert (trainer.sampler.epoch, trainer.sampler.step) == (2, 1)
+
+
+def test_objectives_smaller_than_a_step_are_said_to_repeat(cache_dir, tmp_path, caplog):
+    # 6 pairs an objective against 8 drawn a step: the sampler repeats pairs within the step.
+    caplog.set_level(logging.WARNING, logger="mofast.trainer")
+    Trainer(tiny_config(cache_dir, max_pairs=6, max_steps=1), tmp_path / "small").fit()
+    (warning,) = [r.getMessage() for r in caplog.records if "a step draws" in r.getMessage()]
+    assert re.fullmatch(
+        r"\w+ has [1-6], \w+ has [1-6]: fewer pairs than a step draws \(8 per objective\), "
+        r"so a step repeats them",
+        warning,
+    ), warning
+
+    caplog.clear()
+    Trainer(tiny_config(cache_dir, max_steps=1), tmp_path / "enough").fit()
+    assert not [r for r in caplog.records if "a step draws" in r.getMessage()]
 
 
 def test_resume_drops_a_half_written_metrics_line(cache_dir, tmp_path):
