@@ -282,6 +282,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a small shape, for a smoke run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed calls after the first")
+    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, help="default: all (mofast-8warps on CUDA only)"
     )
@@ -343,8 +344,9 @@ def main() -> int:
         f"{grads / 1e9:.3f} GB; memory on {'CUDA' if device == 'cuda' else 'ru_maxrss'}"
     )
     print(format_table(rows))
-    path = append_rows("logprobs", rows, device=device)
-    print(f"rows appended to {path}")
+    if not args.no_csv:
+        path = append_rows("logprobs", rows, device=device)
+        print(f"rows appended to {path}")
 
     by = {row["method"]: row for row in rows}
     if "mofast" in by:

@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--cuda-problems", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-csv", action="store_true", help="print only, append no rows")
     args = parser.parse_args()
 
     from mofast.kernels import min_norm
@@ -238,12 +239,13 @@ def main() -> int:
     ]
     print()
     print(format_table(rows, columns))
-    cpu_rows = [r for r in rows if "cuda" not in r["solver"]]
-    path = append_rows("min_norm", cpu_rows, device="cpu")
-    cuda_rows = [r for r in rows if "cuda" in r["solver"]]
-    if cuda_rows:
-        append_rows("min_norm", cuda_rows, device="cuda")
-    print(f"\nrows appended to {path}")
+    if not args.no_csv:
+        cpu_rows = [r for r in rows if "cuda" not in r["solver"]]
+        path = append_rows("min_norm", cpu_rows, device="cpu")
+        cuda_rows = [r for r in rows if "cuda" in r["solver"]]
+        if cuda_rows:
+            append_rows("min_norm", cuda_rows, device="cuda")
+        print(f"\nrows appended to {path}")
 
     # Ratios last: each solver's time per problem over mofast's exact and Frank-Wolfe ones.
     ours = {r["solver"]: r["us_per_problem"] for r in rows}
