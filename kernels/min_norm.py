@@ -278,17 +278,25 @@ def _min_norm_kernel(
     g = tl.where(finite, g, 0.0)
     g_t = tl.where(finite, g_t, 0.0)
 
-    # Divide by the largest diagonal entry (scale invariance), or by a larger entry off it:
-    # that only happens for an indefinite G, whose quotients would otherwise overflow to inf
-    # and leave weights off the simplex. A division, not a product with the reciprocal:
-    # rounded once, it keeps entries that differ by one unit apart (a = d = b + 1 ulp stays
-    # a symmetric problem). Then symmetrise the quotients, which lie in [-1, 1]: no sum
-    # overflows, and a subnormal G's entries are no longer subnormal when halved.
+    # Divide by the largest diagonal entry (scale invariance), or by a larger entry of
+    # (G + G^T) / 2 off it: that only happens for an indefinite G, whose quotients would
+    # otherwise overflow to inf and leave weights off the simplex. Halving before adding
+    # keeps that sum finite near the largest double. A division, not a product with the
+    # reciprocal: rounded once, it keeps entries that differ by one unit apart (a = d = b +
+    # 1 ulp stays a symmetric problem). A symmetric pair is taken as it is; an asymmetric
+    # one is averaged as quotients, where halves are exact (halves of subnormal entries
+    # round), unless its antisymmetric part dwarfs the divisor and overflows them.
+    half_sum = 0.5 * g + 0.5 * g_t
     on_diag = rows == cols
     scale = tl.maximum(tl.max(tl.sum(tl.where(on_diag, g, 0.0), axis=1)), 0.0)
     positive = scale > 0.0
-    safe_scale = tl.where(positive, tl.maximum(scale, tl.max(tl.max(tl.abs(g), axis=1))), 1.0)
-    g = 0.5 * (g / safe_scale) + 0.5 * (g_t / safe_scale)
+    largest = tl.max(tl.max(tl.abs(half_sum), axis=1))
+    safe_scale = tl.where(positive, tl.maximum(scale, largest), 1.0)
+    q = g / safe_scale
+    q_t = g_t / safe_scale
+    both_finite = (tl.abs(q) < float("inf")) & (tl.abs(q_t) < float("inf"))
+    averaged = tl.where(both_finite, 0.5 * q + 0.5 * q_t, half_sum / safe_scale)
+    g = tl.where(g == g_t, q, averaged)
     diag = tl.sum(tl.where(on_diag, g, 0.0), axis=1)  # [BLOCK_K]
 
     # Best pair (i < j): closed form for every pair at once, first minimum in row-major

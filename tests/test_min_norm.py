@@ -442,6 +442,21 @@ def test_subnormal_grams_of_equal_norms_weigh_a_half_each(path):
     assert torch.equal(c, torch.full_like(c, 0.5)), c
 
 
+@pytest.mark.parametrize("path", PATHS)
+# The interpreter evaluates both sides of the kernel's overflow guard in numpy, which warns.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_extreme_entries_keep_their_weights(path):
+    tiny = math.ulp(0.0)
+    # A diagonal entry whose quotient by the largest is subnormal is not halved: norms 3
+    # and 4 tiny weigh 4/7 and 3/7 (a halving path rounded 1.5 tiny up and gave 1/2 each).
+    G = torch.tensor([[[1.0, 0, 0], [0, 3 * tiny, 0], [0, 0, 4 * tiny]]], dtype=torch.float64)
+    torch.testing.assert_close(solve(G, path)[0], G.new_tensor([0, 4 / 7, 3 / 7]))
+    # An antisymmetric part that dwarfs the diagonal cancels in (G + G^T) / 2 = diag(1, 3)
+    # e-300: it must neither set the divisor nor overflow the quotients.
+    G = torch.tensor([[[1e-300, 1e300], [-1e300, 3e-300]]], dtype=torch.float64)
+    torch.testing.assert_close(solve(G, path)[0], G.new_tensor([0.75, 0.25]))
+
+
 @pytest.mark.parametrize("method", ["frank-wolfe", "exact"])
 def test_leading_dimensions_are_a_batch(method):
     k = 5

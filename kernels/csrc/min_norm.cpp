@@ -93,22 +93,37 @@ double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
   for (int64_t i = 0; i < k; ++i) scale = std::max(scale, static_cast<double>(src[i * k + i]));
   if (!(scale > 0.0)) return scale;
 
-  // The divisor is the largest diagonal entry, or a larger entry off it: that only happens
-  // for an indefinite G, whose quotients would otherwise overflow to inf. A division, not a
-  // product with the reciprocal: rounded once, it keeps entries that differ by one unit
-  // apart (a = d = b + 1 ulp stays a symmetric problem, whose weights are 1/2 each), and a
-  // subnormal divisor needs no special case. G and G^T are averaged after it, as quotients
-  // in [-1, 1]: no sum overflows, and the entries of a subnormal G are no longer subnormal
-  // when halved (halves of subnormals round, and could make b = a).
+  // The divisor is the largest diagonal entry, or a larger entry of (G + G^T) / 2 off it:
+  // that only happens for an indefinite G, whose quotients would otherwise overflow to inf.
+  // Halving before adding keeps that sum finite for entries near the largest double.
   double divisor = scale;
-  for (int64_t i = 0; i < k * k; ++i) {
-    divisor = std::max(divisor, std::abs(static_cast<double>(src[i])));
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = i + 1; j < k; ++j) {
+      const double half_sum = 0.5 * static_cast<double>(src[i * k + j]) +
+                              0.5 * static_cast<double>(src[j * k + i]);
+      divisor = std::max(divisor, std::abs(half_sum));
+    }
   }
+
+  // A division, not a product with the reciprocal: rounded once, it keeps entries that
+  // differ by one unit apart (a = d = b + 1 ulp stays a symmetric problem, whose weights
+  // are 1/2 each), and a subnormal divisor needs no special case. A symmetric pair is
+  // taken as it is; an asymmetric one is averaged as quotients, which lie near [-1, 1],
+  // where halves are exact (halves of subnormal entries round: 1.5 tiny becomes 2 tiny).
+  // Only an antisymmetric part that dwarfs the divisor overflows the quotients: that pair
+  // is averaged first.
   for (int64_t i = 0; i < k; ++i) {
     ws.g[i * k + i] = static_cast<double>(src[i * k + i]) / divisor;
     for (int64_t j = i + 1; j < k; ++j) {
-      const double sym = 0.5 * (static_cast<double>(src[i * k + j]) / divisor) +
-                         0.5 * (static_cast<double>(src[j * k + i]) / divisor);
+      const double x = static_cast<double>(src[i * k + j]);
+      const double y = static_cast<double>(src[j * k + i]);
+      const double qx = x / divisor;
+      const double qy = y / divisor;
+      double sym = qx;
+      if (x != y) {
+        sym = std::isfinite(qx) && std::isfinite(qy) ? 0.5 * qx + 0.5 * qy
+                                                     : (0.5 * x + 0.5 * y) / divisor;
+      }
       ws.g[i * k + j] = sym;
       ws.g[j * k + i] = sym;
     }
