@@ -383,7 +383,7 @@ def plan_models(
             )
         reference = found.pop()
         try:
-            path, run_dir = resolve_model(reference, "REFERENCE, the runs' starting model")
+            path, run_dir = resolve_model(reference, "REFERENCE (the starting model of the run)")
         except ValueError as err:
             raise ValueError(
                 f"{err}; pass --reference MODEL (e.g. a Hugging Face folder of the same model) "
@@ -950,8 +950,8 @@ def evaluate(args: argparse.Namespace) -> int:
     cut = sum(1 for record in records if record and record.get("truncated"))
     if cut:
         logger.warning(
-            "judge: %d of %d prompts were longer than the judge's context and kept only their "
-            "end (`truncated` in verdicts.jsonl); a judge that cannot read the whole "
+            "judge: %d of %d comparisons had a prompt longer than the judge's context, cut to "
+            "its end (`truncated` in verdicts.jsonl); a judge that cannot read the whole "
             "comparison answers from what is left, often by position alone",
             cut,
             len(records),

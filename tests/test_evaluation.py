@@ -639,7 +639,7 @@ def test_models_are_checked_before_generating_and_shipped_ones_found_by_name(
     # stories260K's 512-token context cannot hold a comparison: the log says so.
     assert all(r["truncated"] for r in read_jsonl(out / "verdicts.jsonl"))
     warned = [r.getMessage() for r in caplog.records if "judge's context" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith("judge: 2 of 2 prompts were longer")
+    assert len(warned) == 1 and warned[0].startswith("judge: 2 of 2 comparisons had a prompt")
 
 
 def test_a_local_folder_that_shadows_a_shipped_model_says_so(tmp_path, monkeypatch):
