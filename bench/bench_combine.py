@@ -21,7 +21,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, bench_parser, device_description, format_table, measure  # noqa: E402
+from _common import (  # noqa: E402
+    append_rows,
+    bench_parser,
+    device_description,
+    format_table,
+    measure,
+)
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 

@@ -33,7 +33,13 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import append_rows, bench_parser, device_description, format_table, measure  # noqa: E402
+from _common import (  # noqa: E402
+    append_rows,
+    bench_parser,
+    device_description,
+    format_table,
+    measure,
+)
 
 # Columns per step of the float64 references, to bound their memory.
 REF_CHUNK = 1 << 22
