@@ -278,8 +278,8 @@ def _min_norm_kernel(
     g = tl.where(finite, g, 0.0)
     g_t = tl.where(finite, g_t, 0.0)
 
-    # Divide by the largest diagonal entry (scale invariance), or by a larger entry of
-    # (G + G^T) / 2 off it: that only happens for an indefinite G, whose quotients would
+    # Divide by the largest diagonal entry (scale invariance), or by a larger |entry| of
+    # (G + G^T) / 2: that only happens for an indefinite G, whose quotients would
     # otherwise overflow to inf and leave weights off the simplex. Halving before adding
     # keeps that sum finite near the largest double. A division, not a product with the
     # reciprocal: rounded once, it keeps entries that differ by one unit apart (a = d = b +

@@ -518,6 +518,13 @@ def test_indefinite_gram_with_huge_off_diagonal_entries_stays_feasible(path):
     G.diagonal(dim1=-2, dim2=-1).copy_(10.0 ** (-250 - 50 * torch.rand(5, k, dtype=G.dtype)))
     check_simplex(solve(G, path))
 
+    # A huge negative diagonal entry sets the divisor too: over the tiny positive one it
+    # made an infinite quotient on the native path, which then disagreed with Triton's.
+    G = torch.tensor([[[1e-300, 0.0], [0.0, -1e300]]], dtype=torch.float64)
+    c = solve(G, path)
+    check_simplex(c)
+    assert torch.equal(c, solve(G, "triton-exact" if "native" in path else "native-exact"))
+
 
 @pytest.mark.slow
 def test_triton_kernel_compiles_for_a_cuda_target():

@@ -93,12 +93,12 @@ double load_normalised(const scalar_t* src, int64_t k, Workspace& ws) {
   for (int64_t i = 0; i < k; ++i) scale = std::max(scale, static_cast<double>(src[i * k + i]));
   if (!(scale > 0.0)) return scale;
 
-  // The divisor is the largest diagonal entry, or a larger entry of (G + G^T) / 2 off it:
-  // that only happens for an indefinite G, whose quotients would otherwise overflow to inf.
+  // The divisor is the largest diagonal entry, or a larger |entry| of (G + G^T) / 2: that
+  // only happens for an indefinite G, whose quotients would otherwise overflow to inf.
   // Halving before adding keeps that sum finite for entries near the largest double.
   double divisor = scale;
   for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = i + 1; j < k; ++j) {
+    for (int64_t j = i; j < k; ++j) {
       const double half_sum = 0.5 * static_cast<double>(src[i * k + j]) +
                               0.5 * static_cast<double>(src[j * k + i]);
       divisor = std::max(divisor, std::abs(half_sum));
